@@ -1,0 +1,177 @@
+"""``accelerate(pipe, method, **overrides)``: the one call, and the handle that undoes it.
+
+Everything that can fail is checked before anything is changed (model family, config, which
+modules are self-attention and how their processors compute attention), so a failed call leaves
+the pipeline untouched; if applying still fails part-way, what was applied is undone before the
+error propagates. ``handle.remove()`` restores each module's ``forward``, hook registry and
+processor backend to exactly what they were.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry
+
+from .config import AttentionConfig, with_overrides
+from .hooks import ATTENTION_HOOK, STEP_HOOK, AttentionHook, StepHook
+from .intercept import ProcessorKind, backend_member, processor_kind
+from .methods import config_class, make_method
+from .pipelines import ModelAdapter, find_adapter
+from .runtime import AttentionSite, Stats, TransformerRuntime
+
+_MISSING = object()
+
+
+def resolve_config(adapter: ModelAdapter, method, overrides: dict[str, Any]) -> AttentionConfig:
+    """``method`` (None, a name or a config) + field overrides -> a validated config."""
+    if method is None:
+        config = adapter.preset()
+    elif isinstance(method, AttentionConfig):
+        config = method
+    else:
+        cls = config_class(method)
+        defaults = adapter.method_defaults(method)
+        config = cls(**defaults)
+    return with_overrides(config, overrides) if overrides else config
+
+
+class AccelerationHandle:
+    """What ``accelerate`` returns: ``stats()``, ``remove()``, and a context manager."""
+
+    def __init__(self, target, adapter: ModelAdapter, config: AttentionConfig):
+        self.target = target
+        self.adapter = adapter
+        self.config = config
+        self.stats_recorder = Stats()
+        self._undo: list = []
+        self._removed = False
+
+    @property
+    def active(self) -> bool:
+        return not self._removed
+
+    def stats(self) -> dict:
+        """Per-layer, per-step density and call counts; attention time (ms) when on CUDA."""
+        return {"method": self.config.method, "family": self.adapter.family, "config": self.config.to_dict(),
+                **self.stats_recorder.summary()}
+
+    def reset_stats(self) -> None:
+        self.stats_recorder.clear()
+
+    def remove(self) -> None:
+        """Put the pipeline back exactly as it was (idempotent)."""
+        while self._undo:
+            self._undo.pop()()
+        self._removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __repr__(self):
+        state = "removed" if self._removed else "active"
+        return f"AccelerationHandle({self.adapter.family}, {self.config!r}, {state})"
+
+
+def _snapshot_module(module: torch.nn.Module):
+    """Undo for what registering a diffusers hook changes on a module: ``forward`` and the registry."""
+    had_forward = "forward" in module.__dict__
+    old_forward = module.__dict__.get("forward")
+    had_registry = hasattr(module, "_diffusers_hook")
+
+    def undo():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            for name in (STEP_HOOK, ATTENTION_HOOK):
+                registry.remove_hook(name, recurse=False)
+            if not had_registry and not registry.hooks:
+                del module._diffusers_hook
+        if had_forward:
+            module.forward = old_forward
+        elif "forward" in module.__dict__:
+            del module.forward
+
+    return undo
+
+
+def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -> AccelerationHandle:
+    """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
+
+    ``method``: None (the family's preset), a method name (``ditaccel.METHODS``) or a config
+    instance; ``overrides`` are that config's fields, e.g. ``window=(3, 3, 3), dense_steps=2``.
+    """
+    adapter = find_adapter(pipe)
+    config = resolve_config(adapter, method, overrides)
+    transformers = adapter.transformers(pipe)
+    if not transformers:
+        raise ValueError(f"{type(pipe).__name__} has no transformer to accelerate (looked for {adapter.pipeline_attrs})")
+    for attr, transformer in transformers:
+        if not adapter.matches(transformer):
+            raise ValueError(f"{type(pipe).__name__}.{attr} is a {type(transformer).__name__}, not one of "
+                             f"{adapter.transformer_classes} ({adapter.family})")
+        registry = getattr(transformer, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(STEP_HOOK) is not None:
+            raise ValueError(f"{type(pipe).__name__}.{attr} is already accelerated; remove() the first handle")
+
+    # Plan everything before touching anything.
+    work = []
+    for attr, transformer in transformers:
+        sites = []
+        for name, layer, module in adapter.self_attention_modules(transformer):
+            processor = getattr(module, "processor", None)
+            if processor is None:
+                raise ValueError(f"{attr}.{name} ({type(module).__name__}) has no attention processor to intercept")
+            sites.append((name, layer, module, processor, processor_kind(processor)))
+        if not sites:
+            raise ValueError(f"found no self-attention modules in {attr} ({type(transformer).__name__})")
+        work.append((attr, transformer, sites))
+    member = backend_member() if any(s[4] is ProcessorKind.DISPATCH for w in work for s in w[2]) else None
+
+    handle = AccelerationHandle(pipe, adapter, config)
+    method_impl = make_method(config)
+    handle._undo.append(lambda: _invalidate_registry_caches([t for _, t, _ in work]))
+    try:
+        for attr, transformer, sites in work:
+            runtime = TransformerRuntime(attr, method_impl, handle.stats_recorder)
+            for name, layer, module, processor, kind in sites:
+                original = getattr(processor, "_attention_backend", None)
+                site = AttentionSite(runtime, layer, f"{attr}.{name}", original_backend=original)
+                handle._undo.append(_snapshot_module(module))
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(AttentionHook(site, kind), ATTENTION_HOOK)
+                if kind is ProcessorKind.DISPATCH:
+                    handle._undo.append(_restore_attr(processor, "_attention_backend"))
+                    processor._attention_backend = member
+            handle._undo.append(_snapshot_module(transformer))
+            root = HookRegistry.check_if_exists_or_initialize(transformer)
+            root.register_hook(StepHook(runtime, adapter), STEP_HOOK)
+            root.invalidate_child_registries_cache()
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _invalidate_registry_caches(transformers) -> None:
+    """Registries that outlive us cache their children's registries: refresh those lists."""
+    for transformer in transformers:
+        registry = getattr(transformer, "_diffusers_hook", None)
+        if registry is not None:
+            registry.invalidate_child_registries_cache()
+
+
+def _restore_attr(obj, name: str):
+    had = name in vars(obj)
+    old = vars(obj).get(name, _MISSING)
+
+    def undo():
+        if had:
+            setattr(obj, name, old)
+        elif name in vars(obj):
+            delattr(obj, name)
+
+    return undo
+

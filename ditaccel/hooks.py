@@ -1,0 +1,104 @@
+"""The two diffusers hooks ditaccel registers, in the style of ``diffusers.hooks``.
+
+- ``StepHook`` (name ``STEP_HOOK``) on each transformer root: reads the latent grid, text span,
+  denoising step and CFG branch of every forward into the transformer's runtime. Stateful: its
+  per-branch state lives in a ``StateManager`` that the pipeline's ``cache_context`` switches, and
+  diffusers resets it at the end of every pipeline call (``maybe_free_model_hooks``).
+- ``AttentionHook`` (name ``ATTENTION_HOOK``) on each self-attention module: marks its site as
+  the one running, so the intercepted attention product knows its layer.
+Both are removed with ``remove_hook(name, recurse=True)``.
+"""
+
+from __future__ import annotations
+
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+
+from .intercept import ProcessorKind, SDPAIntercept, current_site
+from .runtime import AttentionSite, CallInfo, TransformerRuntime
+
+STEP_HOOK = "ditaccel_step"
+ATTENTION_HOOK = "ditaccel_attention"
+
+
+class BranchState(BaseState):
+    """Step clock of one CFG branch: the step index, inferred from timesteps when the pipeline
+    does not pass ``step_index`` in its cache context."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self, *args, **kwargs) -> None:
+        self.step = 0
+        self.last_timestep: float | None = None
+        self.shape: tuple | None = None
+
+
+class StepHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, runtime: TransformerRuntime, adapter):
+        super().__init__()
+        self.runtime = runtime
+        self.adapter = adapter
+        self.state_manager = StateManager(BranchState)
+
+    def _branch_state(self) -> tuple[str, BranchState, int | None]:
+        context = self.state_manager._context
+        if context is None:  # a bare transformer call, outside any pipeline's cache_context
+            self.state_manager.set_context(_DEFAULT_CONTEXT)
+            try:
+                return "default", self.state_manager.get_state(), None
+            finally:
+                self.state_manager.set_context(None)
+        return context.name, self.state_manager.get_state(), context.step_index
+
+    def new_forward(self, module, *args, **kwargs):
+        facts = self.adapter.call_facts(module, args, kwargs)
+        branch, state, step_index = self._branch_state()
+        shape = (facts.grid, facts.text_len, facts.batch)
+        t = facts.timestep
+        if step_index is not None:
+            state.step = step_index
+        elif state.last_timestep is None or (t is not None and t > state.last_timestep):
+            state.step = 0  # first call, or the noise level rose again: a new pipeline call
+        elif t is not None and t < state.last_timestep:
+            state.step += 1
+        state.last_timestep = t
+        state.shape = shape
+        self.runtime.current = CallInfo(
+            grid=facts.grid, text_len=facts.text_len, text_position=self.adapter.text_position,
+            batch=facts.batch, step=state.step, branch=branch,
+        )
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.runtime.current = None
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
+
+
+class AttentionHook(ModelHook):
+    def __init__(self, site: AttentionSite, kind: ProcessorKind):
+        super().__init__()
+        self.site = site
+        self.kind = kind
+
+    def new_forward(self, module, *args, **kwargs):
+        token = current_site.set(self.site)
+        try:
+            if self.kind is ProcessorKind.SDPA:
+                with SDPAIntercept(self.site):
+                    return self.fn_ref.original_forward(*args, **kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            current_site.reset(token)
+
+
+class _DefaultContext:
+    name = "default"
+    step_index = None
+
+
+_DEFAULT_CONTEXT = _DefaultContext()

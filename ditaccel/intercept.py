@@ -1,0 +1,117 @@
+"""Swapping only the attention product inside a model's own diffusers processor.
+
+Two doors, chosen per processor (DESIGN.md, "Intercept, don't rewrite"):
+- processors that call ``dispatch_attention_fn(..., backend=self._attention_backend)`` get our
+  registered diffusers attention backend ``"ditaccel"`` set on that processor alone;
+- processors that call ``F.scaled_dot_product_attention`` directly run inside a
+  ``TorchFunctionMode`` that routes exactly that call to us.
+
+Either way the call lands in ``AttentionSite.attend`` of the self-attention module that is
+running, found through a context variable the module's hook sets for the duration of its forward.
+A call with no running site (or an argument we do not model: dropout, causal, GQA, context
+parallel) goes to the attention the model would have used.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+BACKEND_NAME = "ditaccel"
+
+current_site: contextvars.ContextVar = contextvars.ContextVar("ditaccel_current_site", default=None)
+
+
+def _sdpa_bshd(query, key, value, attn_mask=None, scale=None):
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def _ditaccel_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                      enable_gqa=False, _parallel_config=None):
+    """Our diffusers attention backend: q, k, v are [B, S, H, D], as diffusers' dispatch passes them."""
+    site = current_site.get()
+    if site is None or dropout_p or is_causal or enable_gqa or _parallel_config is not None:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        original = site.original_backend if site is not None else None
+        return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                                     backend=original, parallel_config=_parallel_config)
+
+    def dense():
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, scale=scale,
+                                     backend=site.original_backend)
+
+    return site.attend(query, key, value, attn_mask, scale, dense)
+
+
+def backend_member():
+    """The ``AttentionBackendName`` member for our backend, registered with diffusers once.
+
+    diffusers names backends with a closed Enum, so registering a new one means adding a member.
+    Adding it changes no default: only processors we set to it use it.
+    """
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    member = AttentionBackendName._value2member_map_.get(BACKEND_NAME)
+    if member is None:
+        member = str.__new__(AttentionBackendName, BACKEND_NAME)
+        member._name_, member._value_ = "DITACCEL", BACKEND_NAME
+        member.__objclass__ = AttentionBackendName
+        AttentionBackendName._value2member_map_[BACKEND_NAME] = member
+        AttentionBackendName._member_map_["DITACCEL"] = member
+        if hasattr(AttentionBackendName, "_member_names_"):
+            AttentionBackendName._member_names_.append("DITACCEL")
+    if member not in _AttentionBackendRegistry._backends:
+        _AttentionBackendRegistry.register(member)(_ditaccel_backend)
+    return member
+
+
+_SDPA_SIGNATURE = inspect.signature(
+    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None
+)
+
+
+class SDPAIntercept(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` ([B, H, S, D]) made under it to ``site``."""
+
+    def __init__(self, site):
+        super().__init__()
+        self.site = site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        a = _SDPA_SIGNATURE.bind(*args, **kwargs).arguments
+        if a.get("dropout_p") or a.get("is_causal") or a.get("enable_gqa"):
+            return func(*args, **kwargs)
+        q, k, v = (a[n].transpose(1, 2) for n in ("query", "key", "value"))
+        out = self.site.attend(q, k, v, a.get("attn_mask"), a.get("scale"), lambda: func(*args, **kwargs).transpose(1, 2))
+        return out.transpose(1, 2)
+
+
+class ProcessorKind(str, enum.Enum):
+    DISPATCH = "dispatch"
+    SDPA = "sdpa"
+
+
+def processor_kind(processor) -> ProcessorKind:
+    """How a diffusers processor computes attention, read from the processor itself."""
+    if hasattr(processor, "_attention_backend"):
+        return ProcessorKind.DISPATCH
+    return ProcessorKind.SDPA
+
+
+def torch_function_mode_active() -> bool:
+    return torch._C._is_torch_function_mode_enabled()

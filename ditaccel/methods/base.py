@@ -1,0 +1,106 @@
+"""What every method shares: a config, a per-call decision, and a cache of plans.
+
+A method never sees a model. Per self-attention call it gets the call's ``AttentionSite`` facts
+(grid, text span, layer, step) and answers with ``None`` (run dense attention) or a ``SparsePlan``.
+Static methods (this issue's) describe their pattern as a predicate on video coordinates; the
+plan for a shape is built once and reused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AttentionConfig
+from ..layout import build_layout
+from ..plan import SparsePlan, VideoPredicate, build_plan
+
+_PLAN_CACHE_SIZE = 16
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """The facts about one self-attention call that a plan depends on."""
+
+    grid: tuple[int, int, int]
+    text_len: int
+    text_position: str
+
+
+def auto_tile(grid: tuple[int, int, int], block_size: int) -> tuple[int, int, int]:
+    """A tile of ``block_size`` tokens: 3-D for video, one frame deep for images (T == 1)."""
+    if grid[0] == 1:
+        return (1, 8, 16) if block_size == 128 else (1, 8, 8)
+    return (2, 8, 8) if block_size == 128 else (1, 8, 8)
+
+
+def check_fits_grid(config, field_name: str, sizes, dilation, grid) -> None:
+    """``sizes[a] * dilation[a] <= grid[a]`` on every axis, or a ValueError naming the field."""
+    for axis, s, d, g in zip("thw", sizes, dilation, grid):
+        if s * d > g:
+            raise ValueError(
+                f"{type(config).__name__}.{field_name}={tuple(sizes)} with dilation={tuple(dilation)} needs "
+                f"{field_name}[{axis}] * dilation[{axis}] = {s * d} <= grid {axis} = {g} (grid T,H,W = {grid})"
+            )
+
+
+def clamped_window_start(center: torch.Tensor, size: int, length) -> torch.Tensor:
+    """First index of a window of ``size`` centred on ``center``, shifted to stay inside [0, length)."""
+    start = (center - size // 2).clamp(min=0)
+    if isinstance(length, torch.Tensor):
+        return torch.minimum(start, (length - size).clamp(min=0))
+    return start.clamp(max=max(length - size, 0))
+
+
+class AttentionMethod:
+    """Base class: dense at ``dense_steps`` / ``dense_layers``, else a cached plan."""
+
+    name = ""
+
+    def __init__(self, config: AttentionConfig):
+        self.config = config
+        self._plans: OrderedDict = OrderedDict()
+
+    def is_dense(self, layer: int, step: int) -> bool:
+        return step < self.config.dense_steps or self.config.layer_is_dense(layer)
+
+    def plan(self, shape: CallShape, device: torch.device) -> SparsePlan | None:
+        key = (shape, str(device))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self.build(shape, device)
+            self._plans[key] = plan
+            if len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def tile_for(self, grid) -> tuple[int, int, int]:
+        tile = getattr(self.config, "tile", None)
+        return tuple(tile) if tile is not None else auto_tile(grid, self.config.block_size)
+
+    def order(self) -> str:
+        return "tile"
+
+    def build(self, shape: CallShape, device) -> SparsePlan:
+        self.validate_grid(shape.grid)
+        layout = build_layout(
+            shape.grid, shape.text_len, shape.text_position, self.order(), self.tile_for(shape.grid),
+            self.config.block_size,
+        )
+        return build_plan(layout, self.video_predicate(shape.grid), device)
+
+    # --- what a static method defines -------------------------------------------------------
+    def validate_grid(self, grid) -> None:
+        """Raise ValueError if the config cannot apply to this grid."""
+
+    def video_predicate(self, grid) -> VideoPredicate:
+        raise NotImplementedError
+
+
+def num_tiles(grid, tile) -> tuple[int, int, int]:
+    return tuple(math.ceil(g / t) for g, t in zip(grid, tile))

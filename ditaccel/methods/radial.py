@@ -1,0 +1,73 @@
+"""radial: a static mask from spatio-temporal energy decay (Radial Attention).
+
+Attention energy in video DiTs falls with temporal distance, and the spatial spread that still
+matters shrinks as it does. At tile granularity (so every block is full or empty on grids that
+are multiples of the tile): a query tile sees every key tile of its own temporal tile row; at
+temporal tile distance dt >= 1 it sees key tiles within a spatial (Chebyshev, in tiles) band of
+``ceil(max(n_th, n_tw) * decay ** (floor(log2(dt)) + 1))`` tiles — each doubling of distance
+multiplies the band by ``decay`` (0.5 halves it) — and at least its own spatial tile. Key tiles
+in the first ``sink_frames`` frames (rounded up to whole tiles) stay visible to everyone, as an
+attention sink. Built once per shape and cached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AttentionConfig, check_axes, check_float, check_int
+from .base import AttentionMethod, num_tiles
+
+
+@dataclass(frozen=True)
+class RadialConfig(AttentionConfig):
+    """decay: (0, 1] band factor per doubling of temporal distance (1 = dense);
+    sink_frames: leading frames every query sees; tile: as in TileConfig."""
+
+    method = "radial"
+    decay: float = 0.5
+    sink_frames: int = 1
+    tile: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "decay", check_float(self, "decay", self.decay, low=0.0, high=1.0, low_open=True))
+        check_int(self, "sink_frames", self.sink_frames, minimum=0)
+        if self.tile is not None:
+            tile = check_axes(self, "tile", self.tile)
+            if math.prod(tile) != self.block_size:
+                raise ValueError(
+                    f"RadialConfig.tile={tile} has {math.prod(tile)} tokens; product must equal block_size "
+                    f"({self.block_size})"
+                )
+            object.__setattr__(self, "tile", tile)
+
+
+def radial_band(dt: torch.Tensor, full_band: int, decay: float) -> torch.Tensor:
+    """Spatial band (in tiles) visible at temporal tile distance ``dt``."""
+    level = torch.floor(torch.log2(dt.clamp(min=1).double())) + 1
+    band = torch.ceil(full_band * torch.pow(torch.tensor(decay, dtype=torch.float64), level) - 1e-9)
+    return torch.where(dt == 0, torch.full_like(band, full_band), band).long()
+
+
+class RadialMethod(AttentionMethod):
+    name = "radial"
+
+    def video_predicate(self, grid):
+        tile = self.tile_for(grid)
+        n_tiles = num_tiles(grid, tile)
+        full_band = max(n_tiles[1], n_tiles[2])
+        sink_tiles = math.ceil(self.config.sink_frames / tile[0])
+        decay = self.config.decay
+        tile_t = torch.tensor(tile)
+
+        def allowed(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
+            tt = tile_t.to(qc.device)
+            tq, tk = qc // tt, kc // tt
+            dt = (tq[..., 0] - tk[..., 0]).abs()
+            spatial = torch.maximum((tq[..., 1] - tk[..., 1]).abs(), (tq[..., 2] - tk[..., 2]).abs())
+            return (spatial <= radial_band(dt, full_band, decay)) | (tk[..., 0] < sink_tiles)
+
+        return allowed

@@ -1,0 +1,65 @@
+"""tile: sliding tile attention.
+
+Video tokens are reordered into 3-D tiles of ``tile`` tokens (product = the kernel's block size),
+and each query tile attends to the ``window`` tiles around it, the window shifted inward at the
+grid edges (Sliding Tile Attention). On grids that are multiples of the tile every block pair is
+full or empty, so the kernel runs no mask code; tiles cut by the grid edge are smaller, and the
+blocks that straddle them are masked token by token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AttentionConfig, check_axes
+from .base import AttentionMethod, clamped_window_start, num_tiles
+
+
+@dataclass(frozen=True)
+class TileConfig(AttentionConfig):
+    """tile: (t, h, w) tokens per tile, product == block_size (None: a block-sized default);
+    window: (t, h, w) tiles each query tile sees, odd."""
+
+    method = "tile"
+    tile: tuple[int, ...] | None = None
+    window: int | tuple[int, ...] = (3, 3, 3)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "window", check_axes(self, "window", self.window, odd=True))
+        if self.tile is not None:
+            tile = check_axes(self, "tile", self.tile)
+            if math.prod(tile) != self.block_size:
+                raise ValueError(
+                    f"TileConfig.tile={tile} has {math.prod(tile)} tokens; a tile must fill one kernel block: "
+                    f"product == block_size ({self.block_size})"
+                )
+            object.__setattr__(self, "tile", tile)
+
+
+def tile_window_predicate(grid, tile, window):
+    """Tile-granular sliding window: query tile sees the clamped ``window`` of tiles around it."""
+    n_tiles = num_tiles(grid, tile)
+    tile_t = torch.tensor(tile)
+
+    def allowed(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
+        tt = tile_t.to(qc.device)
+        tq, tk = qc // tt, kc // tt
+        ok = None
+        for a in range(3):
+            start = clamped_window_start(tq[..., a], window[a], n_tiles[a])
+            axis_ok = (tk[..., a] >= start) & (tk[..., a] < start + window[a])
+            ok = axis_ok if ok is None else ok & axis_ok
+        return ok
+
+    return allowed
+
+
+class TileMethod(AttentionMethod):
+    name = "tile"
+
+    def video_predicate(self, grid):
+        return tile_window_predicate(grid, self.tile_for(grid), self.config.window)

@@ -1,0 +1,32 @@
+"""Wan 2.1 / 2.2 (``WanPipeline``, ``WanImageToVideoPipeline``, ...): ``WanTransformer3DModel``.
+
+Self-attention is ``blocks.i.attn1`` over video tokens only; text (and I2V image tokens) reach
+the model through cross-attention ``attn2``, so there is no text in self-attention. Latents are
+[B, C, F, H, W]; the token grid is (F / p_t, H / p_h, W / p_w), frame-major raster. Wan 2.2 has a
+second transformer, ``transformer_2``, for the low-noise steps: both are hooked.
+"""
+
+from __future__ import annotations
+
+from ..methods import TileConfig
+from .base import CallFacts, ModelAdapter, blocks
+
+
+class WanAdapter(ModelAdapter):
+    family = "wan"
+    transformer_classes = ("WanTransformer3DModel", "WanVACETransformer3DModel", "WanAnimateTransformer3DModel")
+    pipeline_attrs = ("transformer", "transformer_2")
+    text_position = "none"
+
+    def self_attention_modules(self, transformer):
+        return blocks(transformer, (("blocks", "attn1"),))
+
+    def call_facts(self, transformer, args, kwargs):
+        a = self.bind(transformer, args, kwargs)
+        x = a["hidden_states"]
+        pt, ph, pw = transformer.config.patch_size
+        B, _, F, H, W = x.shape
+        return CallFacts((F // pt, H // ph, W // pw), 0, B, self.scalar_timestep(a.get("timestep")))
+
+    def preset(self):
+        return TileConfig(window=(3, 3, 3), dense_steps=1)
