@@ -4,8 +4,8 @@ Attention energy in video DiTs falls with temporal distance, and the spatial spr
 matters shrinks as it does. At tile granularity (so every block is full or empty on grids that
 are multiples of the tile): a query tile sees every key tile of its own temporal tile row; at
 temporal tile distance dt >= 1 it sees key tiles within a spatial (Chebyshev, in tiles) band of
-``ceil(max(n_th, n_tw) * decay ** (floor(log2(dt)) + 1))`` tiles — each doubling of distance
-multiplies the band by ``decay`` (0.5 halves it) — and at least its own spatial tile. Key tiles
+``floor(max(n_th, n_tw) * decay ** (floor(log2(dt)) + 1))`` tiles — each doubling of distance
+multiplies the band by ``decay`` (0.5 halves it); a band of 0 still keeps its own spatial tile. Key tiles
 in the first ``sink_frames`` frames (rounded up to whole tiles) stay visible to everyone, as an
 attention sink. Built once per shape and cached.
 """
@@ -48,7 +48,7 @@ class RadialConfig(AttentionConfig):
 def radial_band(dt: torch.Tensor, full_band: int, decay: float) -> torch.Tensor:
     """Spatial band (in tiles) visible at temporal tile distance ``dt``."""
     level = torch.floor(torch.log2(dt.clamp(min=1).double())) + 1
-    band = torch.ceil(full_band * torch.pow(torch.tensor(decay, dtype=torch.float64), level) - 1e-9)
+    band = torch.floor(full_band * torch.pow(torch.tensor(decay, dtype=torch.float64), level) + 1e-9)
     return torch.where(dt == 0, torch.full_like(band, full_band), band).long()
 
 
