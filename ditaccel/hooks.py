@@ -65,14 +65,14 @@ class StepHook(ModelHook):
             state.step += 1
         state.last_timestep = t
         state.shape = shape
-        self.runtime.current = CallInfo(
+        self.runtime.begin(CallInfo(
             grid=facts.grid, text_len=facts.text_len, text_position=self.adapter.text_position,
             batch=facts.batch, step=state.step, branch=branch,
-        )
+        ))
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            self.runtime.current = None
+            self.runtime.end()
 
     def reset_state(self, module):
         self.state_manager.reset()

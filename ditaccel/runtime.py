@@ -106,17 +106,25 @@ class TransformerRuntime:
         self.current: CallInfo | None = None
         self._mask_cache: dict = {}
 
+    def begin(self, call: CallInfo) -> None:
+        self.current = call
+        self._mask_cache = {}
+
+    def end(self) -> None:
+        self.current = None
+        self._mask_cache = {}
+
     def key_padding(self, attn_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor | None:
         """[B, S] key validity if ``attn_mask`` only masks keys (text padding), else None.
 
-        The same mask tensor reaches every layer of a forward, so the verdict is cached on its identity.
+        The same mask tensor reaches every layer of one forward, so the verdict is cached for the
+        forward's duration, keyed on the tensor object itself (held, so its identity stays unique).
         """
-        key = (attn_mask.data_ptr(), tuple(attn_mask.shape), attn_mask.dtype, attn_mask._version, str(attn_mask.device))
-        if key not in self._mask_cache:
-            if len(self._mask_cache) > 8:
-                self._mask_cache.clear()
-            self._mask_cache[key] = _key_padding(attn_mask, batch, seq_len)
-        return self._mask_cache[key]
+        cached = self._mask_cache.get(id(attn_mask))
+        if cached is None or cached[0] is not attn_mask or cached[1] != attn_mask._version:
+            cached = (attn_mask, attn_mask._version, _key_padding(attn_mask, batch, seq_len))
+            self._mask_cache[id(attn_mask)] = cached
+        return cached[2]
 
 
 def _key_padding(attn_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor | None:

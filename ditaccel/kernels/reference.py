@@ -28,11 +28,6 @@ def block_sizes(block_mask: BlockMask) -> tuple[int, int]:
     return (bs, bs) if isinstance(bs, int) else (int(bs[0]), int(bs[1]))
 
 
-def _expanded(t: torch.Tensor, B: int, H: int) -> torch.Tensor:
-    # BlockMask tensors broadcast over batch and heads ([1, 1, ...] is common).
-    return t.expand(B, H, *t.shape[2:])
-
-
 def block_sparse_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -47,80 +42,67 @@ def block_sparse_attention_reference(
     Skv = k.shape[2]
     BQ, BK = block_sizes(block_mask)
     scale = D**-0.5 if scale is None else float(scale)
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Half types compute in float32 (as the kernels accumulate); float64 stays float64.
+    compute_dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     device = q.device
 
     nq = (Sq + BQ - 1) // BQ
-    # Combined list per query block: full blocks first, then partial ones, with a flag.
-    lists, flags, counts = [], [], []
+    # Block lists keep their broadcast batch/head dims (usually [1, 1, ...]): per-token work on
+    # them (index and mask building) is then done once, not once per batch and head.
+    lists, flags, valid = [], [], []
     for num, idx, partial in (
         (block_mask.full_kv_num_blocks, block_mask.full_kv_indices, False),
         (block_mask.kv_num_blocks, block_mask.kv_indices, True),
     ):
         if num is None:
             continue
-        num = _expanded(num, B, H)[:, :, :nq].to(device)
-        idx = _expanded(idx, B, H)[:, :, :nq].to(device)
-        lists.append(idx.long())
+        idx = idx[:, :, :nq].to(device).long()
+        lists.append(idx)
         flags.append(torch.full(idx.shape, partial, dtype=torch.bool, device=device))
-        counts.append(num.long())
+        valid.append(torch.arange(idx.shape[-1], device=device) < num[:, :, :nq].to(device).long()[..., None])
     if not lists:
         return q.new_zeros(B, H, Sq, v.shape[-1])
-    # Slot j of list i is valid when j < count_i.
-    valid = torch.cat(
-        [torch.arange(l.shape[-1], device=device) < c[..., None] for l, c in zip(lists, counts)], dim=-1
-    )
-    kv_blocks = torch.cat(lists, dim=-1)
-    is_partial = torch.cat(flags, dim=-1)
-    # Drop slots that no query block uses, so the gather is as narrow as the widest row.
-    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
-    width = int(valid.sum(-1).max().item()) if valid.numel() else 0
-    order = order[..., :max(width, 1)]
-    kv_blocks = kv_blocks.gather(-1, order)
-    is_partial = is_partial.gather(-1, order)
-    valid = valid.gather(-1, order)
-    M = kv_blocks.shape[-1]
+    kv_blocks, is_partial, valid = torch.cat(lists, -1), torch.cat(flags, -1), torch.cat(valid, -1)
+    # Pack the valid slots of every row to the front, and keep only as many as the widest row uses.
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)[..., : max(int(valid.sum(-1).max()), 1)]
+    kv_blocks, is_partial, valid = (t.gather(-1, order) for t in (kv_blocks, is_partial, valid))
+    Bm, Hm, _, M = kv_blocks.shape
 
     out = torch.empty(B, H, Sq, v.shape[-1], dtype=q.dtype, device=device)
-    per_block_bytes = B * H * BQ * M * BK * 6
+    per_block_bytes = B * H * BQ * M * BK * 6 + B * H * M * BK * (k.shape[-1] + v.shape[-1]) * 4
     chunk = max(1, min(nq, _CHUNK_BUDGET_BYTES // max(per_block_bytes, 1)))
     tok = torch.arange(BK, device=device)
     b_idx = torch.arange(B, device=device).view(B, 1, 1, 1, 1)
     h_idx = torch.arange(H, device=device).view(1, H, 1, 1, 1)
-    mask_mod = block_mask.mask_mod
+    kf, vf = k.to(compute_dtype), v.to(compute_dtype)
 
     for c0 in range(0, nq, chunk):
         c1 = min(nq, c0 + chunk)
         C = c1 - c0
-        q_idx = (torch.arange(c0 * BQ, c1 * BQ, device=device)).view(C, BQ)
-        q_ok = q_idx < Sq
-        qc = q[:, :, c0 * BQ : min(c1 * BQ, Sq)].to(compute_dtype)
-        if qc.shape[2] < C * BQ:  # ragged last block: pad queries, dropped below
-            qc = torch.nn.functional.pad(qc, (0, 0, 0, C * BQ - qc.shape[2]))
+        rows = min(c1 * BQ, Sq) - c0 * BQ
+        qc = q[:, :, c0 * BQ : c0 * BQ + rows].to(compute_dtype)
+        if rows < C * BQ:  # ragged last block: pad queries, dropped below
+            qc = torch.nn.functional.pad(qc, (0, 0, 0, C * BQ - rows))
         qc = qc.view(B, H, C, BQ, D)
 
-        blk = kv_blocks[:, :, c0:c1]  # [B, H, C, M]
-        kv_idx = (blk[..., None] * BK + tok).flatten(-2)  # [B, H, C, M*BK]
+        # Key positions each query block gathers: its listed blocks, token by token.
+        kv_idx = (kv_blocks[:, :, c0:c1, :, None] * BK + tok).flatten(-2)  # [Bm, Hm, C, M*BK]
         kv_ok = (kv_idx < Skv) & valid[:, :, c0:c1, :, None].expand(-1, -1, -1, -1, BK).flatten(-2)
-        kv_safe = kv_idx.clamp(max=Skv - 1)
-        flat = kv_safe.flatten(2)  # gather rows of k and v per (b, h)
-        kc = k.to(compute_dtype).gather(2, flat[..., None].expand(-1, -1, -1, k.shape[-1]))
-        vc = v.to(compute_dtype).gather(2, flat[..., None].expand(-1, -1, -1, v.shape[-1]))
-        kc = kc.view(B, H, C, M * BK, k.shape[-1])
-        vc = vc.view(B, H, C, M * BK, v.shape[-1])
+        flat = kv_idx.clamp(max=Skv - 1).flatten(2).expand(B, H, -1)
+        kc = kf.gather(2, flat[..., None].expand(-1, -1, -1, k.shape[-1])).view(B, H, C, M * BK, -1)
+        vc = vf.gather(2, flat[..., None].expand(-1, -1, -1, v.shape[-1])).view(B, H, C, M * BK, -1)
 
-        scores = torch.einsum("bhcqd,bhckd->bhcqk", qc, kc) * scale
-        allowed = kv_ok[:, :, :, None, :].expand(-1, -1, -1, BQ, -1)
+        # Token mask: keys past the end or in unused slots, and mask_mod inside partial blocks.
+        allowed = kv_ok[:, :, :, None, :]
         part = is_partial[:, :, c0:c1, :, None].expand(-1, -1, -1, -1, BK).flatten(-2)
         if bool(part.any()):
-            token_ok = mask_mod(b_idx, h_idx, q_idx.view(1, 1, C, BQ, 1), kv_idx[:, :, :, None, :])
-            token_ok = torch.as_tensor(token_ok, device=device).expand_as(allowed)
+            q_idx = torch.arange(c0 * BQ, c1 * BQ, device=device).view(1, 1, C, BQ, 1)
+            token_ok = torch.as_tensor(block_mask.mask_mod(b_idx, h_idx, q_idx, kv_idx[:, :, :, None, :]), device=device)
             allowed = allowed & (token_ok | ~part[:, :, :, None, :])
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        # Rows with nothing allowed: softmax of all -inf is NaN; FlexAttention returns zeros.
-        row_any = allowed.any(-1, keepdim=True)
-        probs = torch.softmax(scores.masked_fill(~row_any, 0.0), dim=-1) * row_any
-        o = torch.einsum("bhcqk,bhckd->bhcqd", probs, vc).reshape(B, H, C * BQ, -1)
-        n_rows = int(q_ok.sum().item())
-        out[:, :, c0 * BQ : c0 * BQ + n_rows] = o[:, :, :n_rows].to(q.dtype)
+        mask = None if bool(allowed.all()) else allowed
+        o = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
+        if mask is not None:
+            # Rows with nothing allowed: SDPA gives NaN there, FlexAttention gives zeros.
+            o = torch.where(mask.any(-1, keepdim=True), o, 0.0)
+        out[:, :, c0 * BQ : c0 * BQ + rows] = o.reshape(B, H, C * BQ, -1)[:, :, :rows].to(q.dtype)
     return out

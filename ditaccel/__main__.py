@@ -1,0 +1,7 @@
+"""``python -m ditaccel``: the ``ditaccel`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
