@@ -93,14 +93,21 @@ def block_sparse_attention_reference(
         vc = vf.gather(2, flat[..., None].expand(-1, -1, -1, v.shape[-1])).view(B, H, C, M * BK, -1)
 
         # Token mask: keys past the end or in unused slots, and mask_mod inside partial blocks.
+        # Without partial blocks it depends on the key alone ([..., 1, K]), which keeps SDPA on its
+        # fast path; tensors are folded to 4-D [B, H*C, ., .] for the same reason.
         allowed = kv_ok[:, :, :, None, :]
         part = is_partial[:, :, c0:c1, :, None].expand(-1, -1, -1, -1, BK).flatten(-2)
         if bool(part.any()):
             q_idx = torch.arange(c0 * BQ, c1 * BQ, device=device).view(1, 1, C, BQ, 1)
             token_ok = torch.as_tensor(block_mask.mask_mod(b_idx, h_idx, q_idx, kv_idx[:, :, :, None, :]), device=device)
             allowed = allowed & (token_ok | ~part[:, :, :, None, :])
-        mask = None if bool(allowed.all()) else allowed
-        o = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
+        mask = None
+        if not bool(allowed.all()):
+            mask = allowed.expand(B, H, C, allowed.shape[3], -1).reshape(B, H * C, allowed.shape[3], -1)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qc.reshape(B, H * C, BQ, D), kc.reshape(B, H * C, M * BK, -1), vc.reshape(B, H * C, M * BK, -1),
+            attn_mask=mask, scale=scale,
+        )
         if mask is not None:
             # Rows with nothing allowed: SDPA gives NaN there, FlexAttention gives zeros.
             o = torch.where(mask.any(-1, keepdim=True), o, 0.0)
