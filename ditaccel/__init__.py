@@ -5,6 +5,7 @@
     handle.stats(); handle.remove()
 """
 
+from . import metrics
 from .accelerate import AccelerationHandle, accelerate
 from .config import AttentionConfig
 from .methods import METHODS, DenseConfig, RadialConfig, TileConfig, WindowConfig
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "accelerate", "AccelerationHandle", "AttentionConfig", "DenseConfig", "WindowConfig", "TileConfig",
-    "RadialConfig", "METHODS", "SUPPORTED_FAMILIES", "__version__",
+    "RadialConfig", "METHODS", "metrics", "SUPPORTED_FAMILIES", "__version__",
 ]

@@ -9,7 +9,7 @@ that fails validation never reaches a pipeline.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 BLOCK_SIZES = (64, 128)
@@ -82,6 +82,19 @@ def check_axes(owner, field_name: str, value: Any, *, minimum: int = 1, odd: boo
     return tuple(value)  # type: ignore[return-value]
 
 
+def check_block_tile(owner, value: Any, block_size: int) -> tuple[int, int, int]:
+    """A token tile that fills exactly one kernel block (product == block_size)."""
+    import math
+
+    tile = check_axes(owner, "tile", value)
+    if math.prod(tile) != block_size:
+        raise ValueError(
+            f"{_name(owner)}.tile={tile} has {math.prod(tile)} tokens; a tile must fill one kernel block: "
+            f"product == block_size ({block_size})"
+        )
+    return tile
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     """Knobs shared by every method.
@@ -145,4 +158,4 @@ def with_overrides(config: AttentionConfig, overrides: dict[str, Any]) -> Attent
     return dataclasses.replace(config, **overrides)
 
 
-__all__ = ["AttentionConfig", "with_overrides", "field", "BLOCK_SIZES", "BACKENDS", "ORDERS"]
+__all__ = ["AttentionConfig", "with_overrides", "check_block_tile", "BLOCK_SIZES", "BACKENDS", "ORDERS"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AttentionConfig, check_axes, check_float, check_int
+from ..config import AttentionConfig, check_block_tile, check_float, check_int
 from .base import AttentionMethod, num_tiles
 
 
@@ -36,13 +36,7 @@ class RadialConfig(AttentionConfig):
         object.__setattr__(self, "decay", check_float(self, "decay", self.decay, low=0.0, high=1.0, low_open=True))
         check_int(self, "sink_frames", self.sink_frames, minimum=0)
         if self.tile is not None:
-            tile = check_axes(self, "tile", self.tile)
-            if math.prod(tile) != self.block_size:
-                raise ValueError(
-                    f"RadialConfig.tile={tile} has {math.prod(tile)} tokens; product must equal block_size "
-                    f"({self.block_size})"
-                )
-            object.__setattr__(self, "tile", tile)
+            object.__setattr__(self, "tile", check_block_tile(self, self.tile, self.block_size))
 
 
 def radial_band(dt: torch.Tensor, full_band: int, decay: float) -> torch.Tensor:

@@ -9,12 +9,11 @@ blocks that straddle them are masked token by token.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..config import AttentionConfig, check_axes
+from ..config import AttentionConfig, check_axes, check_block_tile
 from .base import AttentionMethod, clamped_window_start, num_tiles
 
 
@@ -31,13 +30,7 @@ class TileConfig(AttentionConfig):
         super().__post_init__()
         object.__setattr__(self, "window", check_axes(self, "window", self.window, odd=True))
         if self.tile is not None:
-            tile = check_axes(self, "tile", self.tile)
-            if math.prod(tile) != self.block_size:
-                raise ValueError(
-                    f"TileConfig.tile={tile} has {math.prod(tile)} tokens; a tile must fill one kernel block: "
-                    f"product == block_size ({self.block_size})"
-                )
-            object.__setattr__(self, "tile", tile)
+            object.__setattr__(self, "tile", check_block_tile(self, self.tile, self.block_size))
 
 
 def tile_window_predicate(grid, tile, window):
