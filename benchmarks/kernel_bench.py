@@ -187,7 +187,7 @@ def block_mask_from(blocks: torch.Tensor, bs: int, seq: int, device, partial_fra
 
 def dense_token_mask(blocks: torch.Tensor, block_mask, bs: int, seq: int, device) -> torch.Tensor:
     """[seq, seq] bool equivalent of ``block_mask`` (full blocks, partial blocks & mask_mod)."""
-    from ditaccel.kernels.triton_attention import block_sizes
+    from ditaccel.kernels.reference import block_sizes
 
     assert block_sizes(block_mask) == (bs, bs)
     nb = blocks.shape[0]

@@ -18,7 +18,6 @@ import contextvars
 import enum
 import inspect
 
-import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -112,6 +111,3 @@ def processor_kind(processor) -> ProcessorKind:
         return ProcessorKind.DISPATCH
     return ProcessorKind.SDPA
 
-
-def torch_function_mode_active() -> bool:
-    return torch._C._is_torch_function_mode_enabled()

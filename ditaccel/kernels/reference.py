@@ -25,7 +25,7 @@ _CHUNK_BUDGET_BYTES = 256 * 2**20
 
 def block_sizes(block_mask: BlockMask) -> tuple[int, int]:
     bs = block_mask.BLOCK_SIZE
-    return (bs, bs) if isinstance(bs, int) else (int(bs[0]), int(bs[1]))
+    return (int(bs), int(bs)) if isinstance(bs, int) else (int(bs[0]), int(bs[1]))
 
 
 def block_sparse_attention_reference(

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.nn.attention.flex_attention import BlockMask, noop_mask
+from .reference import block_sizes
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (64, 96, 128)
@@ -257,11 +258,6 @@ def _autotuned(head_dim_pad: int):
 # ----------------------------------------------------------------------------------------------
 # BlockMask -> kernel tables (cached per BlockMask)
 # ----------------------------------------------------------------------------------------------
-
-
-def block_sizes(block_mask: BlockMask) -> tuple[int, int]:
-    bs = block_mask.BLOCK_SIZE
-    return (int(bs), int(bs)) if isinstance(bs, int) else (int(bs[0]), int(bs[1]))
 
 
 @dataclass(frozen=True)
