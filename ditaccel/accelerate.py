@@ -14,12 +14,14 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry
 
+from .caches import CrossStepCaches
 from .config import AttentionConfig, with_overrides
 from .hooks import ATTENTION_HOOK, STEP_HOOK, AttentionHook, StepHook
 from .intercept import ProcessorKind, backend_member, processor_kind
 from .methods import config_class, make_method
 from .pipelines import ModelAdapter, find_adapter
 from .runtime import AttentionSite, Stats, TransformerRuntime
+from .state import StateStore
 
 _MISSING = object()
 
@@ -45,6 +47,9 @@ class AccelerationHandle:
         self.adapter = adapter
         self.config = config
         self.stats_recorder = Stats()
+        self.store = StateStore(config.cache_budget_mb)
+        self.stats_recorder.store = self.store
+        self.runtimes: list[TransformerRuntime] = []
         self._undo: list = []
         self._removed = False
 
@@ -53,12 +58,36 @@ class AccelerationHandle:
         return not self._removed
 
     def stats(self) -> dict:
-        """Per-layer, per-step density and call counts; attention time (ms) when on CUDA."""
+        """Per-layer, per-step density, call counts and attention time (ms: CUDA events on CUDA, wall
+        clock elsewhere); errors against dense attention at tracked steps; event counters; the
+        memory the cross-step caches hold."""
         return {"method": self.config.method, "family": self.adapter.family, "config": self.config.to_dict(),
                 **self.stats_recorder.summary()}
 
     def reset_stats(self) -> None:
         self.stats_recorder.clear()
+
+    def observe(self, fn) -> None:
+        """Call ``fn(info, q, k, v)`` on every intercepted self-attention call (``None`` stops).
+
+        ``info``: transformer, layer, step, branch, grid (T, H, W), text_len, text_position; q, k, v
+        are [B, S, H, D] exactly as attention sees them (after the model's norms and RoPE). For
+        analysis: it runs before the method decides, whatever the method does with the call.
+        """
+        if fn is not None and not callable(fn):
+            raise ValueError(f"observe(fn): fn must be callable or None, got {type(fn).__name__}")
+        for rt in self.runtimes:
+            rt.observer = fn
+
+    def track_attention_error(self, steps=None) -> None:
+        """At these denoising steps, also run the model's dense attention on the same q, k, v for every
+        sparse or reused call and record ``||out - dense|| / ||dense||`` (``stats()["attention_error"]``).
+        ``None`` or empty: stop. The extra dense call is kept out of the attention time."""
+        steps = frozenset() if steps is None else frozenset(steps)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+            raise ValueError(f"track_attention_error(steps): step indices must be ints >= 0, got {sorted(steps)}")
+        for rt in self.runtimes:
+            rt.error_steps = steps
 
     def remove(self) -> None:
         """Put the pipeline back exactly as it was (idempotent)."""
@@ -133,10 +162,12 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -
 
     handle = AccelerationHandle(pipe, adapter, config)
     method_impl = make_method(config)
+    caches = CrossStepCaches(config, method_impl)
     handle._undo.append(lambda: _invalidate_registry_caches([t for _, t, _ in work]))
     try:
         for attr, transformer, sites in work:
-            runtime = TransformerRuntime(attr, method_impl, handle.stats_recorder)
+            runtime = TransformerRuntime(attr, method_impl, handle.stats_recorder, handle.store, caches)
+            handle.runtimes.append(runtime)
             for name, layer, module, processor, kind in sites:
                 original = getattr(processor, "_attention_backend", None)
                 site = AttentionSite(runtime, layer, f"{attr}.{name}", original_backend=original)

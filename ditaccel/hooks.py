@@ -76,6 +76,7 @@ class StepHook(ModelHook):
 
     def reset_state(self, module):
         self.state_manager.reset()
+        self.runtime.reset()
         return module
 
 

@@ -31,35 +31,39 @@ _CLASSIFY_BUDGET = 64 * 2**20  # token pairs evaluated per chunk
 class SparsePlan:
     layout: TokenLayout
     block_mask: BlockMask
-    full_blocks: torch.Tensor  # [nq, nk] bool
-    any_blocks: torch.Tensor  # [nq, nk] bool (full or partial)
+    full_blocks: torch.Tensor  # [nq, nk] bool, or [B|1, H|1, nq, nk] for per-call selections
+    any_blocks: torch.Tensor  # same shape, bool (full or partial)
     text_kv_blocks: torch.Tensor  # [nk] bool: blocks holding text keys
     slot_allowed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    density: float  # fraction of block pairs computed: what the kernel pays for
+    density: float | torch.Tensor  # fraction of block pairs computed (a 0-d tensor: no host sync)
 
     def with_key_padding(self, key_valid: torch.Tensor) -> BlockMask:
-        """The BlockMask for one call whose text keys are padded (``key_valid``: [B, n_slots] bool).
+        """The BlockMask for one call whose text keys are padded (``key_valid``: [B, n_slots] bool, or
+        [B, H, n_slots] on a per-head layout).
 
         Blocks holding text keys stop being full: the padding mask must be applied token by token.
         """
         full = self.full_blocks & ~self.text_kv_blocks[None, :]
         partial = self.any_blocks & ~full
-        n = key_valid.shape[1]
+        n = key_valid.shape[-1]
         base = self.slot_allowed
+        per_head = key_valid.dim() == 3
 
         def mask_mod(b, h, q_idx, kv_idx):
             kv = kv_idx.clamp(max=n - 1)
-            return base(q_idx, kv_idx) & key_valid[b, kv]
+            return base(q_idx, kv_idx) & (key_valid[b, h, kv] if per_head else key_valid[b, kv])
 
         return _block_mask(full, partial, mask_mod, self.layout.block_size, n)
 
 
 def _lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[nq, nk] bool -> FlexAttention (num_blocks [1, 1, nq], indices [1, 1, nq, nk]) int32."""
+    """[.., nq, nk] bool -> FlexAttention (num_blocks [B, H, nq], indices [B, H, nq, nk]) int32."""
+    while blocks.dim() < 4:
+        blocks = blocks.unsqueeze(0)
     counts = blocks.sum(-1, dtype=torch.int32)
     # A stable sort of "not selected" puts the selected block indices first, in ascending order.
     indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return counts[None, None], indices[None, None]
+    return counts, indices
 
 
 def _block_mask(full: torch.Tensor, partial: torch.Tensor, mask_mod, block_size: int, n: int) -> BlockMask:
@@ -134,4 +138,42 @@ def build_plan(layout: TokenLayout, video_allowed: VideoPredicate, device: torch
         text_kv_blocks=text_kv_blocks,
         slot_allowed=allowed,
         density=float(anyb.float().mean().item()),
+    )
+
+
+def plan_from_blocks(layout: TokenLayout, keep: torch.Tensor) -> SparsePlan:
+    """A plan from a block selection ``keep`` [.., nq, nk] (bool, e.g. [B, H, nq, nk] from a scorer).
+
+    The rules every plan shares are applied here: text query blocks see every key block and every
+    query block sees the text key blocks; blocks holding no real token are dropped; key blocks that
+    hold empty slots are partial (the empty slots are masked token by token), the rest full. Pure
+    device ops: no host synchronisation (``density`` stays a 0-d tensor).
+    """
+    device = keep.device
+    n, bs, nb = layout.num_slots, layout.block_size, layout.num_blocks
+    if keep.shape[-2:] != (nb, nb):
+        raise ValueError(f"keep must end in [{nb}, {nb}] (query blocks, key blocks) for this layout, "
+                         f"got {tuple(keep.shape)}")
+    kind = torch.full((nb * bs,), -1, dtype=torch.int8, device=device)  # -1: past the end ("don't care")
+    kind[:n] = layout.kind.to(device)
+    blocks = kind.view(nb, bs)
+    has_real = ((blocks == VIDEO) | (blocks == TEXT)).any(1)
+    has_empty_slot = (blocks == PAD).any(1)
+    text_blocks = (blocks == TEXT).any(1)
+
+    keep = keep | text_blocks[:, None] | text_blocks[None, :]
+    keep = keep & has_real[:, None] & has_real[None, :]
+    full = keep & ~has_empty_slot[None, :]
+    partial = keep & has_empty_slot[None, :]
+    real = kind[:n] != PAD
+
+    def allowed(q_idx, kv_idx):
+        return real[kv_idx.clamp(max=n - 1)] & (q_idx >= 0)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(q_idx, kv_idx)
+
+    return SparsePlan(
+        layout=layout, block_mask=_block_mask(full, partial, mask_mod, bs, n), full_blocks=full,
+        any_blocks=keep, text_kv_blocks=text_blocks, slot_allowed=allowed, density=keep.float().mean(),
     )

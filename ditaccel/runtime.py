@@ -3,19 +3,24 @@
 ``TransformerRuntime`` holds the facts of the transformer forward in flight (latent grid, text
 span, step, CFG branch), set by the step hook. ``AttentionSite`` is one self-attention module:
 when its attention product is intercepted it asks the method for a plan, runs it through the
-layout and the kernel, and records density and calls in ``Stats``.
+layout and the kernel (through the cross-step caches, ``caches.py``), and records density, calls,
+attention time and, on request, the error against dense attention in ``Stats``.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
+from .caches import CrossStepCaches
 from .kernels import run_plan
+from .kernels.reference import block_sparse_lse_reference
 from .methods import AttentionMethod, CallShape
+from .state import CallContext, StateStore
 
 
 @dataclass(frozen=True)
@@ -36,79 +41,125 @@ class CallInfo:
 
 
 class Stats:
-    """Density and call counts per (transformer, layer, step, branch); CUDA attention time."""
+    """Per (transformer, layer, step, branch): calls (dense / sparse / reused), density, attention
+    time; per call of interest, the error against dense attention; event counters; cache memory."""
 
     def __init__(self):
-        self.cells = defaultdict(lambda: {"calls": 0, "dense_calls": 0, "density_flops": 0.0, "flops": 0.0})
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._time_ms = 0.0
+        self.cells = defaultdict(lambda: {"calls": 0, "dense_calls": 0, "reuse_calls": 0, "density_flops": 0.0,
+                                          "flops": 0.0, "time_ms": 0.0, "errors": []})
+        self.counters: dict = defaultdict(int)
+        self.store: StateStore | None = None
+        self._events: list[tuple[tuple, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def record(self, transformer: str, layer: int, step: int, branch: str, density: float, flops: float,
-               dense: bool) -> None:
+    def record(self, transformer: str, layer: int, step: int, branch: str, density, flops: float,
+               outcome: str) -> None:
+        """``density`` may be a 0-d tensor (dynamic plans): it is read on the host only in ``summary``."""
         cell = self.cells[(transformer, layer, step, branch)]
         cell["calls"] += 1
-        cell["dense_calls"] += int(dense)
-        cell["density_flops"] += density * flops
+        cell["dense_calls"] += int(outcome == "dense")
+        cell["reuse_calls"] += int(outcome == "reuse")
+        cell["density_flops"] = cell["density_flops"] + density * flops
         cell["flops"] += flops
 
-    def add_events(self, start, end) -> None:
-        self._events.append((start, end))
+    def add_time(self, key: tuple, ms: float) -> None:
+        self.cells[key]["time_ms"] += ms
 
-    def attention_time_ms(self) -> float | None:
-        if not self._events and not self._time_ms:
-            return None
+    def add_events(self, key: tuple, start, end) -> None:
+        self._events.append((key, start, end))
+
+    def add_error(self, key: tuple, rel_error: float) -> None:
+        self.cells[key]["errors"].append(rel_error)
+
+    def _drain_events(self) -> None:
         if self._events:
             torch.cuda.synchronize()
-            self._time_ms += sum(s.elapsed_time(e) for s, e in self._events)
+            for key, s, e in self._events:
+                self.cells[key]["time_ms"] += s.elapsed_time(e)
             self._events.clear()
-        return self._time_ms
 
     def clear(self) -> None:
         self.cells.clear()
+        self.counters.clear()
         self._events.clear()
-        self._time_ms = 0.0
 
     def summary(self) -> dict:
+        self._drain_events()
+
         def mean(cells):
             flops = sum(c["flops"] for c in cells)
-            return sum(c["density_flops"] for c in cells) / flops if flops else None
+            return float(sum(c["density_flops"] for c in cells)) / flops if flops else None
 
         def group(key_fn):
             groups = defaultdict(list)
             for key, cell in self.cells.items():
                 groups[key_fn(key)].append(cell)
             return {k: {"calls": sum(c["calls"] for c in v), "dense_calls": sum(c["dense_calls"] for c in v),
-                        "density": mean(v)} for k, v in sorted(groups.items())}
+                        "reuse_calls": sum(c["reuse_calls"] for c in v), "density": mean(v),
+                        "time_ms": sum(c["time_ms"] for c in v)} for k, v in sorted(groups.items())}
 
         cells = list(self.cells.values())
+        errors = [(key, e) for key, c in sorted(self.cells.items()) for e in c["errors"]]
+        per_layer_err = defaultdict(list)
+        for (t, layer, _, _), e in errors:
+            per_layer_err[f"{t}.{layer}"].append(e)
+        counters = defaultdict(dict)
+        for (name, t, step), n in sorted(self.counters.items()):
+            counters[name][step] = counters[name].get(step, 0) + n
         return {
             "calls": sum(c["calls"] for c in cells),
             "dense_calls": sum(c["dense_calls"] for c in cells),
+            "reuse_calls": sum(c["reuse_calls"] for c in cells),
             "mean_density": mean(cells),
             "layers": {f"{t}.{layer}": v for (t, layer), v in group(lambda k: (k[0], k[1])).items()},
             "steps": group(lambda k: k[2]),
             "per_layer_step": [
                 {"transformer": t, "layer": layer, "step": s, "branch": b, "calls": c["calls"],
-                 "dense_calls": c["dense_calls"], "density": c["density_flops"] / c["flops"] if c["flops"] else None}
+                 "dense_calls": c["dense_calls"], "reuse_calls": c["reuse_calls"],
+                 "density": float(c["density_flops"]) / c["flops"] if c["flops"] else None,
+                 "time_ms": c["time_ms"]}
                 for (t, layer, s, b), c in sorted(self.cells.items())
             ],
-            "attention_time_ms": self.attention_time_ms(),
+            "attention_time_ms": sum(c["time_ms"] for c in cells) if cells else None,
+            "attention_error": {
+                "mean": sum(e for _, e in errors) / len(errors) if errors else None,
+                "per_layer": {k: sum(v) / len(v) for k, v in per_layer_err.items()},
+                "per_layer_step": [{"transformer": t, "layer": layer, "step": s, "branch": b, "rel_error": e}
+                                   for (t, layer, s, b), e in errors],
+            },
+            "counters": dict(counters),
+            "cache": self.store.summary() if self.store is not None else None,
         }
 
 
 class TransformerRuntime:
     """Shared by the step hook and the attention sites of one transformer."""
 
-    def __init__(self, name: str, method: AttentionMethod, stats: Stats):
+    def __init__(self, name: str, method: AttentionMethod, stats: Stats, store: StateStore,
+                 caches: CrossStepCaches):
         self.name = name
         self.method = method
         self.stats = stats
+        self.store = store
+        self.caches = caches
+        self.observer = None  # fn(info: dict, q, k, v), see AccelerationHandle.observe
+        self.error_steps: frozenset[int] = frozenset()  # steps at which errors against dense are measured
         self.current: CallInfo | None = None
         self._mask_cache: dict = {}
+        self._last_step = -1
 
     def begin(self, call: CallInfo) -> None:
+        # A step below the last one seen starts a new pipeline call: cross-step state is stale. (The
+        # step hook's reset at the end of every pipeline call covers pipelines of a single step.)
+        if call.step < self._last_step:
+            self.store.reset(self.name)
+        self._last_step = call.step
         self.current = call
         self._mask_cache = {}
+
+    def reset(self) -> None:
+        """A pipeline call ended: drop this transformer's cross-step state."""
+        self.store.reset(self.name)
+        self._last_step = -1
 
     def end(self) -> None:
         self.current = None
@@ -166,43 +217,108 @@ class AttentionSite:
         """q, k, v: [B, S, H, D]. ``dense()`` computes the model's own attention on the same inputs."""
         rt = self.runtime
         call = rt.current
-        B, S, H, D = q.shape
-        flops = 4.0 * B * H * S * k.shape[1] * D
         if call is None:
             self._warn_once("called outside a hooked transformer forward")
             return dense()
+        B, S, H, D = q.shape
+        key = (rt.name, self.layer, call.step, call.branch)
+        if rt.observer is not None:
+            rt.observer({"transformer": rt.name, "layer": self.layer, "step": call.step, "branch": call.branch,
+                         "grid": call.grid, "text_len": call.text_len, "text_position": call.text_position},
+                        q, k, v)
+        timer = _Timer(rt.stats, key, q.is_cuda)
+        out, outcome, density = self._compute(call, q, k, v, attn_mask, scale, dense)
+        timer.stop()
+        rt.stats.record(*key, density, 4.0 * B * H * S * k.shape[1] * D, outcome)
+        if outcome != "dense" and call.step in rt.error_steps:
+            from .metrics import attention_rel_error
+
+            rt.stats.add_error(key, attention_rel_error(dense(), out))
+        return out
+
+    def _compute(self, call, q, k, v, attn_mask, scale, dense):
+        rt = self.runtime
+        B, S, H, _ = q.shape
         if S != call.seq_len or k.shape[1] != S:
             self._warn_once(f"sequence of {S} tokens does not match the grid {call.grid} + {call.text_len} text")
-            rt.stats.record(rt.name, self.layer, call.step, call.branch, 1.0, flops, True)
-            return dense()
+            return dense(), "dense", 1.0
         key_valid = None
         if attn_mask is not None:
             key_valid = rt.key_padding(attn_mask, B, S)
             if key_valid is None:
                 self._warn_once("attention mask is not a key-padding mask")
-                rt.stats.record(rt.name, self.layer, call.step, call.branch, 1.0, flops, True)
-                return dense()
+                return dense(), "dense", 1.0
             if bool(key_valid.all()):
                 key_valid = None
-        method = rt.method
-        if method.is_dense(self.layer, call.step):
-            rt.stats.record(rt.name, self.layer, call.step, call.branch, 1.0, flops, True)
-            return dense()
+        shape = CallShape(call.grid, call.text_len, call.text_position)
+        ctx = CallContext(
+            transformer=rt.name, layer=self.layer, step=call.step, branch=call.branch, shape=shape, batch=B,
+            heads=H, state=rt.store.state(rt.name, self.layer, call.branch, (shape, B, H)), store=rt.store,
+            counters=rt.stats.counters,
+        )
+        executor = PlanExecutor(q, k, v, key_valid, scale, rt.method.config.backend)
+        return rt.caches.run(ctx, q, k, executor, dense)
 
-        timing = q.is_cuda
-        if timing:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        plan = method.plan(CallShape(call.grid, call.text_len, call.text_position), q.device)
+
+class PlanExecutor:
+    """Runs plans on one call's q, k, v ([B, S, H, D], model order): slots in, kernel, slots out."""
+
+    def __init__(self, q, k, v, key_valid, scale, backend: str):
+        self.q, self.k, self.v = q, k, v
+        self.key_valid = key_valid  # [B, S] bool or None
+        self.scale = scale
+        self.backend = backend
+
+    def block_mask(self, plan):
+        if self.key_valid is None:
+            return plan.block_mask
         layout = plan.layout
-        block_mask = plan.block_mask
-        if key_valid is not None:
-            block_mask = plan.with_key_padding(layout.to_slots(key_valid, dim=1))
-        qs, ks, vs = (layout.to_slots(x, dim=1).transpose(1, 2) for x in (q, k, v))
-        out = run_plan(method.config.backend, qs, ks, vs, block_mask, scale)
-        out = layout.from_slots(out.transpose(1, 2), dim=1)
-        if timing:
-            end.record()
-            rt.stats.add_events(start, end)
-        rt.stats.record(rt.name, self.layer, call.step, call.branch, plan.density, flops, False)
-        return out
+        kv = self.key_valid[:, :, None, None].expand(-1, -1, self.q.shape[2], 1)
+        slots = layout.to_slots(kv.to(torch.uint8), dim=1)[..., 0].bool()  # [B, n, H]
+        return plan.with_key_padding(slots.transpose(1, 2) if layout.per_head else slots[:, :, 0])
+
+    def run(self, plan) -> torch.Tensor:
+        layout = plan.layout
+        qs, ks, vs = (layout.to_slots(x, dim=1).transpose(1, 2) for x in (self.q, self.k, self.v))
+        out = run_plan(self.backend, qs, ks, vs, self.block_mask(plan), self.scale)
+        return layout.from_slots(out.transpose(1, 2), dim=1)
+
+    def kept_mass(self, plan) -> torch.Tensor:
+        """Fraction of each query's softmax mass on the keys ``plan`` keeps: [B, S, H, 1] float32."""
+        layout = plan.layout
+        qs, ks = (layout.to_slots(x, dim=1).transpose(1, 2) for x in (self.q, self.k))
+        lse_kept = block_sparse_lse_reference(qs, ks, self.block_mask(plan), self.scale)  # [B, H, n]
+        lse_kept = layout.from_slots(lse_kept.transpose(1, 2)[..., None], dim=1)  # [B, S, H, 1]
+        return torch.exp(lse_kept - self._dense_lse()).to(self.q.dtype)
+
+    def _dense_lse(self) -> torch.Tensor:
+        q, k = self.q.transpose(1, 2).float(), self.k.transpose(1, 2).float()  # [B, H, S, D]
+        scale = q.shape[-1] ** -0.5 if self.scale is None else float(self.scale)
+        B, H, S, _ = q.shape
+        lse = torch.empty(B, H, S, device=q.device)
+        chunk = max(1, (64 * 2**20) // max(1, B * H * k.shape[2]))
+        for c0 in range(0, S, chunk):
+            logits = (q[:, :, c0 : c0 + chunk] @ k.transpose(-1, -2)) * scale
+            if self.key_valid is not None:
+                logits = logits.masked_fill(~self.key_valid[:, None, None, :], float("-inf"))
+            lse[:, :, c0 : c0 + chunk] = torch.logsumexp(logits, -1)
+        return lse.transpose(1, 2)[..., None]
+
+
+class _Timer:
+    """Wall time of one call: CUDA events on CUDA (read lazily), perf_counter elsewhere."""
+
+    def __init__(self, stats: Stats, key: tuple, cuda: bool):
+        self.stats, self.key, self.cuda = stats, key, cuda
+        if cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+            self.stats.add_events(self.key, self.start, self.end)
+        else:
+            self.stats.add_time(self.key, (time.perf_counter() - self.t0) * 1e3)

@@ -28,24 +28,13 @@ def block_sizes(block_mask: BlockMask) -> tuple[int, int]:
     return (int(bs), int(bs)) if isinstance(bs, int) else (int(bs[0]), int(bs[1]))
 
 
-def block_sparse_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask: BlockMask,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of ``q, k, v`` ([B, H, S, D]) restricted to ``block_mask``; returns [B, H, Sq, Dv]."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [B, H, S, D]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+def _masked_chunks(q, k, v, block_mask: BlockMask, compute_dtype):
+    """Yield ``(start, rows, qc, kc, vc, allowed)`` per chunk of query blocks: queries [B, H*C, BQ, D],
+    the keys/values each query block gathers [B, H*C, M*BK, D], and the token mask (None: all allowed)."""
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
     BQ, BK = block_sizes(block_mask)
-    scale = D**-0.5 if scale is None else float(scale)
-    # Half types compute in float32 (as the kernels accumulate); float64 stays float64.
-    compute_dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     device = q.device
-
     nq = (Sq + BQ - 1) // BQ
     # Block lists keep their broadcast batch/head dims (usually [1, 1, ...]): per-token work on
     # them (index and mask building) is then done once, not once per batch and head.
@@ -61,14 +50,13 @@ def block_sparse_attention_reference(
         flags.append(torch.full(idx.shape, partial, dtype=torch.bool, device=device))
         valid.append(torch.arange(idx.shape[-1], device=device) < num[:, :, :nq].to(device).long()[..., None])
     if not lists:
-        return q.new_zeros(B, H, Sq, v.shape[-1])
+        return
     kv_blocks, is_partial, valid = torch.cat(lists, -1), torch.cat(flags, -1), torch.cat(valid, -1)
     # Pack the valid slots of every row to the front, and keep only as many as the widest row uses.
     order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)[..., : max(int(valid.sum(-1).max()), 1)]
     kv_blocks, is_partial, valid = (t.gather(-1, order) for t in (kv_blocks, is_partial, valid))
-    Bm, Hm, _, M = kv_blocks.shape
+    M = kv_blocks.shape[-1]
 
-    out = torch.empty(B, H, Sq, v.shape[-1], dtype=q.dtype, device=device)
     per_block_bytes = B * H * BQ * M * BK * 6 + B * H * M * BK * (k.shape[-1] + v.shape[-1]) * 4
     chunk = max(1, min(nq, _CHUNK_BUDGET_BYTES // max(per_block_bytes, 1)))
     tok = torch.arange(BK, device=device)
@@ -81,9 +69,8 @@ def block_sparse_attention_reference(
         C = c1 - c0
         rows = min(c1 * BQ, Sq) - c0 * BQ
         qc = q[:, :, c0 * BQ : c0 * BQ + rows].to(compute_dtype)
-        if rows < C * BQ:  # ragged last block: pad queries, dropped below
+        if rows < C * BQ:  # ragged last block: pad queries, dropped by the caller
             qc = torch.nn.functional.pad(qc, (0, 0, 0, C * BQ - rows))
-        qc = qc.view(B, H, C, BQ, D)
 
         # Key positions each query block gathers: its listed blocks, token by token.
         kv_idx = (kv_blocks[:, :, c0:c1, :, None] * BK + tok).flatten(-2)  # [Bm, Hm, C, M*BK]
@@ -104,12 +91,52 @@ def block_sparse_attention_reference(
         mask = None
         if not bool(allowed.all()):
             mask = allowed.expand(B, H, C, allowed.shape[3], -1).reshape(B, H * C, allowed.shape[3], -1)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qc.reshape(B, H * C, BQ, D), kc.reshape(B, H * C, M * BK, -1), vc.reshape(B, H * C, M * BK, -1),
-            attn_mask=mask, scale=scale,
-        )
+        yield (c0 * BQ, rows, qc.reshape(B, H * C, BQ, D), kc.reshape(B, H * C, M * BK, -1),
+               vc.reshape(B, H * C, M * BK, -1), mask)
+
+
+def _check_rank(q, k, v) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, S, D]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def _compute_dtype(q):
+    # Half types compute in float32 (as the kernels accumulate); float64 stays float64.
+    return q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``q, k, v`` ([B, H, S, D]) restricted to ``block_mask``; returns [B, H, Sq, Dv]."""
+    _check_rank(q, k, v)
+    B, H, Sq, D = q.shape
+    scale = D**-0.5 if scale is None else float(scale)
+    out = q.new_zeros(B, H, Sq, v.shape[-1])
+    for start, rows, qc, kc, vc, mask in _masked_chunks(q, k, v, block_mask, _compute_dtype(q)):
+        o = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
         if mask is not None:
             # Rows with nothing allowed: SDPA gives NaN there, FlexAttention gives zeros.
             o = torch.where(mask.any(-1, keepdim=True), o, 0.0)
-        out[:, :, c0 * BQ : c0 * BQ + rows] = o.reshape(B, H, C * BQ, -1)[:, :, :rows].to(q.dtype)
+        out[:, :, start : start + rows] = o.reshape(B, H, -1, o.shape[-1])[:, :, :rows].to(q.dtype)
     return out
+
+
+def block_sparse_lse_reference(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask,
+                               scale: float | None = None) -> torch.Tensor:
+    """Log-sum-exp of the scaled scores over the keys ``block_mask`` allows: [B, H, Sq] float32
+    (-inf for rows that see nothing). With the dense LSE it gives the attention mass a plan keeps."""
+    _check_rank(q, k, k)
+    B, H, Sq, D = q.shape
+    scale = D**-0.5 if scale is None else float(scale)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    for start, rows, qc, kc, _, mask in _masked_chunks(q, k, k[..., :1], block_mask, _compute_dtype(q)):
+        logits = (qc @ kc.transpose(-1, -2)) * scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        lse[:, :, start : start + rows] = torch.logsumexp(logits, -1).reshape(B, H, -1)[:, :, :rows].float()
+    return lse

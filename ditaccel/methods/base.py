@@ -56,7 +56,13 @@ def clamped_window_start(center: torch.Tensor, size: int, length) -> torch.Tenso
 
 
 class AttentionMethod:
-    """Base class: dense at ``dense_steps`` / ``dense_layers``, else a cached plan."""
+    """Base class: dense at ``dense_steps`` / ``dense_layers``, else a plan.
+
+    The runtime asks ``decide(ctx, q, k)`` once per self-attention call; ``q`` and ``k`` are
+    [B, S, H, D] in the model's token order, ``ctx`` a ``ditaccel.state.CallContext``. A static
+    method only defines ``video_predicate`` (its plan is built once per shape and cached); a
+    dynamic method overrides ``plan_for`` and may keep per-(layer, branch) state in ``ctx.state``.
+    """
 
     name = ""
 
@@ -66,6 +72,16 @@ class AttentionMethod:
 
     def is_dense(self, layer: int, step: int) -> bool:
         return step < self.config.dense_steps or self.config.layer_is_dense(layer)
+
+    def decide(self, ctx, q: torch.Tensor, k: torch.Tensor) -> SparsePlan | None:
+        """None: run the model's own dense attention; else the plan to execute."""
+        if self.is_dense(ctx.layer, ctx.step):
+            return None
+        return self.plan_for(ctx, q, k)
+
+    def plan_for(self, ctx, q: torch.Tensor, k: torch.Tensor) -> SparsePlan:
+        """The plan this method would run for this call, whatever the step (static: cached per shape)."""
+        return self.plan(ctx.shape, q.device)
 
     def plan(self, shape: CallShape, device: torch.device) -> SparsePlan | None:
         key = (shape, str(device))

@@ -17,24 +17,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AttentionConfig, check_block_tile, check_float, check_int
+from ..config import AttentionConfig, check_block_tile, knob
 from .base import AttentionMethod, num_tiles
 
 
 @dataclass(frozen=True)
 class RadialConfig(AttentionConfig):
-    """decay: (0, 1] band factor per doubling of temporal distance (1 = dense);
-    sink_frames: leading frames every query sees; tile: as in TileConfig."""
+    """Radial attention: a spatial band that shrinks with temporal distance, plus sink frames."""
 
     method = "radial"
-    decay: float = 0.5
-    sink_frames: int = 1
-    tile: tuple[int, ...] | None = None
+    decay: float = knob(0.5, "float", low=0.0, high=1.0, low_open=True,
+                        help="band factor per doubling of temporal distance (1 = dense)")
+    sink_frames: int = knob(1, "int", low=0, help="leading frames every query sees (attention sink)")
+    tile: tuple[int, ...] | None = knob(None, "optional_axes", help="as in TileConfig")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "decay", check_float(self, "decay", self.decay, low=0.0, high=1.0, low_open=True))
-        check_int(self, "sink_frames", self.sink_frames, minimum=0)
         if self.tile is not None:
             object.__setattr__(self, "tile", check_block_tile(self, self.tile, self.block_size))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AttentionConfig, check_axes, check_block_tile
+from ..config import AttentionConfig, check_block_tile, knob
 from .base import AttentionMethod, clamped_window_start, num_tiles
 
 
@@ -23,12 +23,12 @@ class TileConfig(AttentionConfig):
     window: (t, h, w) tiles each query tile sees, odd."""
 
     method = "tile"
-    tile: tuple[int, ...] | None = None
-    window: int | tuple[int, ...] = (3, 3, 3)
+    tile: tuple[int, ...] | None = knob(None, "optional_axes",
+                                        help="(t, h, w) tokens per tile, product == block_size (None: default)")
+    window: int | tuple[int, ...] = knob((3, 3, 3), "axes", odd=True, help="(t, h, w) tiles each query tile sees")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "window", check_axes(self, "window", self.window, odd=True))
         if self.tile is not None:
             object.__setattr__(self, "tile", check_block_tile(self, self.tile, self.block_size))
 

@@ -14,28 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AttentionConfig, check_axes, check_choice
+from ..config import ORDERS, AttentionConfig, knob
 from .base import AttentionMethod, check_fits_grid, clamped_window_start
 
 
 @dataclass(frozen=True)
 class WindowConfig(AttentionConfig):
-    """kernel_size: window (t, h, w) in tokens, odd; dilation: (t, h, w) >= 1;
-    order: "tile" or "raster"; tile: token tile for tile order (None: a block-sized default)."""
+    """Neighbourhood attention: every video query sees the ``kernel_size`` tokens around it."""
 
     method = "window"
-    kernel_size: int | tuple[int, ...] = (3, 9, 9)
-    dilation: int | tuple[int, ...] = (1, 1, 1)
-    order: str = "tile"
-    tile: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "kernel_size", check_axes(self, "kernel_size", self.kernel_size, odd=True))
-        object.__setattr__(self, "dilation", check_axes(self, "dilation", self.dilation))
-        check_choice(self, "order", self.order, ("tile", "raster"))
-        if self.tile is not None:
-            object.__setattr__(self, "tile", check_axes(self, "tile", self.tile))
+    kernel_size: int | tuple[int, ...] = knob((3, 9, 9), "axes", odd=True, help="window (t, h, w) in tokens, odd")
+    dilation: int | tuple[int, ...] = knob((1, 1, 1), "axes", help="(t, h, w) gaps between window taps")
+    order: str = knob("tile", "choice", choices=ORDERS, help="token order of the kernel's blocks")
+    tile: tuple[int, ...] | None = knob(None, "optional_axes", help="token tile for tile order (None: block-sized)")
 
 
 def axis_window(q: torch.Tensor, k: torch.Tensor, length: int, size: int, dilation: int) -> torch.Tensor:

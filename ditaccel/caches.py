@@ -1,0 +1,122 @@
+"""Across denoising steps: the caches every method composes with (knobs on ``AttentionConfig``).
+
+Per self-attention call, in this order:
+
+- **output share** [DiTFastAttn, attention sharing across timesteps]: at ``output_share_steps``
+  (and ``output_share_layers``, empty = all), the output this (layer, branch) produced at its last
+  computed step is returned outright;
+- **cfg share** [DiTFastAttn, conditional redundancy]: at ``cfg_share_steps`` the ``"uncond"``
+  branch returns the output the ``"cond"`` branch computed for the same layer at the same step
+  (pipelines that run the two branches as separate calls: Wan, HunyuanVideo, Flux; a pipeline that
+  stacks them in one batch, like CogVideoX, has nothing to share and runs as usual);
+- otherwise the method decides: dense, or a sparse plan;
+- **residual cache** [DiTFastAttn, window attention with residual sharing]: with
+  ``residual_refresh = N``, every N-th sparse step (counted from the first) runs dense *and*
+  sparse and stores ``dense - sparse``; the steps between return ``sparse + stored residual``;
+- **renormalise** [Re-ttention]: at every dense step (and residual refresh step) the attention
+  mass the method's plan would keep, ``rho = exp(lse_kept - lse_all)`` per (batch, query, head), is
+  measured; sparse steps then return ``rho * sparse``: the kept keys get the weight they have
+  under the full softmax instead of being renormalised to 1.
+
+Stored tensors live in the call's ``LayerState`` (``ditaccel.state``), so they are per transformer,
+layer and CFG branch, dropped at every new pipeline call and shape change, and bounded by
+``cache_budget_mb``: a tensor over budget is not stored, and the step that needed it computes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .config import AttentionConfig
+
+COND, UNCOND = "cond", "uncond"
+
+
+def _in(index: int, selected: tuple[int, ...]) -> bool:
+    return not selected or index in selected
+
+
+class CrossStepCaches:
+    def __init__(self, config: AttentionConfig, method):
+        self.config = config
+        self.method = method
+        self._warned = False
+        last_share = max(config.output_share_steps, default=-1)
+        self._keep_last_output_until = last_share  # no step after this reads "last_output"
+
+    def run(self, ctx, q, k, executor, dense):
+        """(output [B, S, H, D], outcome "dense" | "sparse" | "reuse", density) for one call."""
+        cfg = self.config
+        shared = self._shared(ctx)
+        if shared is not None:
+            return shared, "reuse", 0.0
+
+        plan = self.method.decide(ctx, q, k)
+        if plan is None:
+            out = dense()
+            if cfg.renormalise and not cfg.layer_is_dense(ctx.layer):
+                self._measure_mass(ctx, executor, self.method.plan_for(ctx, q, k))
+            outcome, density = "dense", 1.0
+        elif cfg.residual_refresh and (ctx.step - cfg.dense_steps) % cfg.residual_refresh == 0:
+            out = dense()
+            sparse = executor.run(plan)
+            if cfg.renormalise:
+                sparse = sparse * self._measure_mass(ctx, executor, plan)
+            ctx.state.put("residual", out - sparse)
+            ctx.count("residual_refresh")
+            outcome, density = "dense", 1.0
+        else:
+            out = executor.run(plan)
+            rho = ctx.state.get("kept_mass") if cfg.renormalise else None
+            if rho is not None:
+                out = out * rho
+            residual = ctx.state.get("residual") if cfg.residual_refresh else None
+            if residual is not None:
+                out = out + residual
+            outcome, density = "sparse", plan.density
+        self._remember(ctx, out)
+        return out, outcome, density
+
+    # --- sharing ---------------------------------------------------------------------------------
+    def _shared(self, ctx):
+        cfg = self.config
+        if ctx.step in cfg.output_share_steps and _in(ctx.layer, cfg.output_share_layers):
+            last = ctx.state.get("last_output")
+            if last is not None:
+                return last
+        if ctx.step in cfg.cfg_share_steps and _in(ctx.layer, cfg.cfg_share_layers):
+            if ctx.branch not in (COND, UNCOND):
+                self._warn_branch(ctx.branch)
+            elif ctx.branch == UNCOND:
+                cond = ctx.store.peek(ctx.transformer, ctx.layer, COND, ctx.shape_key)
+                stored = cond.get("cfg_output") if cond is not None else None
+                if stored is not None and stored[0] == ctx.step:
+                    return stored[1]
+        return None
+
+    def _remember(self, ctx, out) -> None:
+        cfg = self.config
+        if ctx.step < self._keep_last_output_until and _in(ctx.layer, cfg.output_share_layers):
+            ctx.state.put("last_output", out)
+        elif "last_output" in ctx.state:
+            ctx.state.pop("last_output")
+        if ctx.branch == COND and ctx.step in cfg.cfg_share_steps and _in(ctx.layer, cfg.cfg_share_layers):
+            ctx.state.put("cfg_output", (ctx.step, out))
+
+    def _warn_branch(self, branch: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"ditaccel: cfg_share_steps is set but this pipeline runs CFG in one call (branch "
+                          f"{branch!r}, not separate 'cond'/'uncond' calls): nothing is shared", stacklevel=4)
+
+    # --- renormalise -----------------------------------------------------------------------------
+    def _measure_mass(self, ctx, executor, plan) -> torch.Tensor:
+        rho = executor.kept_mass(plan)
+        ctx.state.put("kept_mass", rho)
+        ctx.count("mass_measured")
+        return rho
+
+
+__all__ = ["CrossStepCaches"]
