@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AttentionConfig, check_block_tile, knob
+from ..config import ORDERS, AttentionConfig, check_block_tile, knob
 from .base import AttentionMethod, num_tiles
 
 
@@ -30,6 +30,8 @@ class RadialConfig(AttentionConfig):
                         help="band factor per doubling of temporal distance (1 = dense)")
     sink_frames: int = knob(1, "int", low=0, help="leading frames every query sees (attention sink)")
     tile: tuple[int, ...] | None = knob(None, "optional_axes", help="as in TileConfig")
+    order: str = knob("tile", "choice", choices=ORDERS,
+                      help="token order of the kernel's blocks (tile: every block full or empty)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,6 +48,9 @@ def radial_band(dt: torch.Tensor, full_band: int, decay: float) -> torch.Tensor:
 
 class RadialMethod(AttentionMethod):
     name = "radial"
+
+    def order(self) -> str:
+        return self.config.order
 
     def video_predicate(self, grid):
         tile = self.tile_for(grid)

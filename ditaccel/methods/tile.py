@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AttentionConfig, check_block_tile, knob
+from ..config import ORDERS, AttentionConfig, check_block_tile, knob
 from .base import AttentionMethod, clamped_window_start, num_tiles
 
 
@@ -26,6 +26,8 @@ class TileConfig(AttentionConfig):
     tile: tuple[int, ...] | None = knob(None, "optional_axes",
                                         help="(t, h, w) tokens per tile, product == block_size (None: default)")
     window: int | tuple[int, ...] = knob((3, 3, 3), "axes", odd=True, help="(t, h, w) tiles each query tile sees")
+    order: str = knob("tile", "choice", choices=ORDERS,
+                      help="token order of the kernel's blocks (tile: every block full or empty)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,6 +55,9 @@ def tile_window_predicate(grid, tile, window):
 
 class TileMethod(AttentionMethod):
     name = "tile"
+
+    def order(self) -> str:
+        return self.config.order
 
     def video_predicate(self, grid):
         return tile_window_predicate(grid, self.tile_for(grid), self.config.window)
