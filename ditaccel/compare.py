@@ -82,7 +82,9 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype):
         raise ValueError(f"--model {model!r}: no such directory")
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(path if os.path.exists(path) else model, torch_dtype=dtype)
+    # Weights as safetensors only (no pickle), and never code shipped with the checkpoint.
+    pipe = DiffusionPipeline.from_pretrained(path if os.path.exists(path) else model, torch_dtype=dtype,
+                                             use_safetensors=True, trust_remote_code=False)
     return pipe.to(device), {}
 
 
