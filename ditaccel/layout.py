@@ -54,7 +54,7 @@ class TokenLayout:
 
     @property
     def num_slots(self) -> int:
-        return int(self.src.numel())
+        return int(self.src.shape[-1])  # per-head layouts: src is [H, n_slots]
 
     @property
     def num_blocks(self) -> int:

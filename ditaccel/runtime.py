@@ -48,6 +48,7 @@ class Stats:
         self.cells = defaultdict(lambda: {"calls": 0, "dense_calls": 0, "reuse_calls": 0, "density_flops": 0.0,
                                           "flops": 0.0, "time_ms": 0.0, "errors": []})
         self.counters: dict = defaultdict(int)
+        self.reports: dict = {}
         self.store: StateStore | None = None
         self._events: list[tuple[tuple, torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -80,6 +81,7 @@ class Stats:
     def clear(self) -> None:
         self.cells.clear()
         self.counters.clear()
+        self.reports.clear()
         self._events.clear()
 
     def summary(self) -> dict:
@@ -127,6 +129,7 @@ class Stats:
                                    for (t, layer, s, b), e in errors],
             },
             "counters": dict(counters),
+            "reports": {k: dict(v) for k, v in self.reports.items()},
             "cache": self.store.summary() if self.store is not None else None,
         }
 
@@ -254,7 +257,7 @@ class AttentionSite:
         ctx = CallContext(
             transformer=rt.name, layer=self.layer, step=call.step, branch=call.branch, shape=shape, batch=B,
             heads=H, state=rt.store.state(rt.name, self.layer, call.branch, (shape, B, H)), store=rt.store,
-            counters=rt.stats.counters,
+            counters=rt.stats.counters, reports=rt.stats.reports, values=v,
         )
         executor = PlanExecutor(q, k, v, key_valid, scale, rt.method.config.backend)
         return rt.caches.run(ctx, q, k, executor, dense)

@@ -130,6 +130,8 @@ class CallContext:
     state: LayerState
     store: StateStore
     counters: dict = field(default_factory=lambda: defaultdict(int))
+    reports: dict = field(default_factory=dict)
+    values: torch.Tensor | None = None  # the call's v [B, S, H, D], for methods that profile outputs
 
     @property
     def shape_key(self) -> tuple:
@@ -138,6 +140,11 @@ class CallContext:
     def count(self, name: str, n: int = 1) -> None:
         """Count an event of this call (e.g. "scoring"): ``handle.stats()["counters"][name][step]``."""
         self.counters[(name, self.transformer, self.step)] += n
+
+    def report(self, name: str, value: Any) -> None:
+        """Publish a per-(layer, branch) fact (e.g. chosen patterns): ``stats()["reports"][name]``;
+        unlike ``state`` it outlives the pipeline call."""
+        self.reports.setdefault(name, {})[f"{self.transformer}.{self.layer}.{self.branch}"] = value
 
 
 __all__ = ["CallContext", "LayerState", "StateStore"]
