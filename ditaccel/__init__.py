@@ -2,18 +2,21 @@
 
     handle = ditaccel.accelerate(pipe)                 # the family's preset
     handle = ditaccel.accelerate(pipe, "tile", window=(3, 3, 3), dense_steps=2)
+    handle = ditaccel.accelerate(pipe, "topk", cdf=0.9, order="hilbert", refresh=5, dense_steps=10)
     handle.stats(); handle.remove()
 """
 
 from . import metrics
 from .accelerate import AccelerationHandle, accelerate
 from .config import AttentionConfig
-from .methods import METHODS, DenseConfig, RadialConfig, TileConfig, WindowConfig
+from .methods import (
+    METHODS, ClusterConfig, DenseConfig, HeadsConfig, RadialConfig, TileConfig, TopKConfig, WindowConfig, XAttnConfig,
+)
 from .pipelines import SUPPORTED_FAMILIES
 
 __version__ = "0.1.0"
 
 __all__ = [
     "accelerate", "AccelerationHandle", "AttentionConfig", "DenseConfig", "WindowConfig", "TileConfig",
-    "RadialConfig", "METHODS", "metrics", "SUPPORTED_FAMILIES", "__version__",
+    "RadialConfig", "TopKConfig", "XAttnConfig", "HeadsConfig", "ClusterConfig", "METHODS", "metrics", "SUPPORTED_FAMILIES", "__version__",
 ]

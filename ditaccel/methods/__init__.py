@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from ..config import AttentionConfig
 from .base import AttentionMethod, CallShape
+from .cluster import ClusterConfig, ClusterMethod
 from .dense import DenseConfig, DenseMethod
+from .heads import HeadsConfig, HeadsMethod
 from .radial import RadialConfig, RadialMethod
 from .tile import TileConfig, TileMethod
+from .topk import TopKConfig, TopKMethod
 from .window import WindowConfig, WindowMethod
+from .xattn import XAttnConfig, XAttnMethod
 
 REGISTRY: dict[str, tuple[type[AttentionConfig], type[AttentionMethod]]] = {
     "dense": (DenseConfig, DenseMethod),
     "window": (WindowConfig, WindowMethod),
     "tile": (TileConfig, TileMethod),
     "radial": (RadialConfig, RadialMethod),
+    "heads": (HeadsConfig, HeadsMethod),
+    "cluster": (ClusterConfig, ClusterMethod),
+    "topk": (TopKConfig, TopKMethod),
+    "xattn": (XAttnConfig, XAttnMethod),
 }
 METHODS = tuple(REGISTRY)
 
@@ -32,6 +40,7 @@ def make_method(config: AttentionConfig) -> AttentionMethod:
 
 
 __all__ = [
-    "AttentionMethod", "CallShape", "DenseConfig", "WindowConfig", "TileConfig", "RadialConfig",
+    "AttentionMethod", "CallShape", "DenseConfig", "WindowConfig", "TileConfig", "RadialConfig", "TopKConfig",
+    "XAttnConfig", "HeadsConfig", "ClusterConfig",
     "METHODS", "REGISTRY", "config_class", "make_method",
 ]
