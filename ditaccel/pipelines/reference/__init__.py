@@ -27,7 +27,7 @@ def load(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no trained reference pipeline under {path} (model_index.json missing); "
                                 "train one with `python -m ditaccel.pipelines.reference.train`")
-    pipe = WanPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    pipe = WanPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     return pipe.to(device)
 
 
