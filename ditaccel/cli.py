@@ -1,4 +1,4 @@
-"""``ditaccel`` command line: ``ditaccel compare`` (also ``python -m ditaccel compare``).
+"""``ditaccel`` command line: ``compare``, ``bench`` and ``demo`` (also ``python -m ditaccel ...``).
 
 Bad input (an unknown ``--set`` field, a bad value, a missing ``--model`` directory, a config that
 does not fit the latent grid) is reported as one line on stderr with exit status 2; ``--debug``
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="attention method name (default: the model family's preset)")
     p.add_argument("--set", dest="sets", action="append", metavar="FIELD=VALUE", default=[],
                    help="config field override, repeatable, e.g. --set window=(3,3,3) --set dense_steps=1")
-    p.add_argument("--prompt", help="prompt (default: 'a red square moving left')")
+    p.add_argument("--prompt", help="prompt (default: the embedded pipeline's DEFAULT_PROMPT)")
     p.add_argument("--steps", type=int, help="denoising steps")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the JSON report here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    from .bench import add_parser as add_bench_parser
+    from .demo import add_parser as add_demo_parser
+
+    add_bench_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -154,3 +154,13 @@ def test_help_and_missing_command(capsys):
     assert cli.main(["compare", "--help"]) == 0
     assert "--set" in capsys.readouterr().out
     assert cli.main([]) == 2
+
+
+def test_bench_and_demo_are_subcommands():
+    import ditaccel.bench
+    import ditaccel.demo
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["bench"]).func is ditaccel.bench.main
+    assert parser.parse_args(["demo"]).func is ditaccel.demo.main
+    assert parser.parse_args(["demo"]).host == "127.0.0.1"  # loopback unless --host is given

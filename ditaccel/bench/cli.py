@@ -1,0 +1,140 @@
+"""``ditaccel bench`` on the command line: ``add_parser(subparsers)`` for ``ditaccel/cli.py``, ``main(args)``.
+
+Exit status: 0 when every compared cell is within tolerance (or no ``--baseline`` was given; failing
+cells are listed either way), 1 on a regression against ``--baseline``, 2 on bad input (raised as
+ValueError, reported by the caller as one line), 130 when interrupted (results.json then holds the
+cells done so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+from .baseline import compare_results, format_diff, load_baseline, parse_tolerance_flags, save_baseline
+from .matrix import BenchMatrix, default_matrix, load_matrix, parse_method, parse_size
+from .report import format_table, write_outputs
+from .runner import BenchRun
+
+DESCRIPTION = (
+    "Run a matrix of model x method x size x seed dense and accelerated on the same seeds; write "
+    "results.json, results.csv, figures (speedup vs PSNR, density over layers x steps, block maps) and a "
+    "self-contained report.html; with --baseline, exit 1 and name the metric on a regression. Default: the "
+    "embedded pipeline, every method with its defaults, 128x256 px, 9 frames, 4 steps, seeds 0 and 1, CPU."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--matrix", metavar="FILE", help="matrix file (.yaml/.yml or .json); flags below override it")
+    p.add_argument("--model", dest="models", action="append", metavar="M",
+                   help="'embedded' (the default), a local pipeline directory or a hub id; repeatable")
+    p.add_argument("--method", dest="methods", action="append", metavar="NAME",
+                   help="a method name, 'preset' (the family preset) or 'all' (every method); repeatable")
+    p.add_argument("--size", dest="sizes", action="append", metavar="HxW[xF]",
+                   help="resolution and frames, e.g. 256x256x9; repeatable (steps from --steps)")
+    p.add_argument("--steps", type=int, help="denoising steps for every size (default: the matrix's)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="seeds (default: 0 1)")
+    p.add_argument("--device", help="torch device (default: cpu for the default matrix)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--prompt")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--warmup", type=int, metavar="N", help="untimed full calls before each timed call")
+    p.add_argument("--shared-dense", action="store_true",
+                   help="time one dense run per (model, size, seed) for all its methods instead of one right "
+                        "before each accelerated run (cheaper; ratios drift when the machine is busy)")
+    p.add_argument("--error-steps", type=int, nargs="+", metavar="STEP",
+                   help="steps at which attention error against dense is measured (default: middle and last)")
+    p.add_argument("--mask-layer", type=int, help="layer whose block map is drawn (default: the first sparse one)")
+    p.add_argument("--mask-head", type=int, help="head whose block map is drawn (default: 0)")
+    p.add_argument("--out", default="ditaccel-bench", help="output directory (default: ./ditaccel-bench/)")
+    p.add_argument("--baseline", metavar="FILE", help="compare with this baseline (or results.json); exit 1 on regression")
+    p.add_argument("--tolerance", action="append", metavar="METRIC=VALUE", default=[],
+                   help="override a baseline tolerance, e.g. --tolerance psnr=1.0 --tolerance speedup=0.3")
+    p.add_argument("--save-baseline", metavar="FILE", help="write this run's metrics as a baseline file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``ditaccel bench``: add the sub-command to ``ditaccel/cli.py``'s sub-parsers."""
+    p = subparsers.add_parser("bench", help="quality/speed regression matrix against a baseline",
+                              description=DESCRIPTION)
+    add_arguments(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def matrix_from_args(args) -> BenchMatrix:
+    matrix = load_matrix(args.matrix) if args.matrix else default_matrix()
+    changes = {}
+    if args.models:
+        changes["models"] = tuple(args.models)
+    if args.methods:
+        changes["methods"] = "all" if args.methods == ["all"] else tuple(parse_method(m) for m in args.methods)
+    if args.sizes:
+        changes["sizes"] = tuple(dataclasses.replace(parse_size(s), steps=args.steps) for s in args.sizes)
+    elif args.steps is not None:
+        changes["sizes"] = tuple(dataclasses.replace(s, steps=args.steps) for s in matrix.sizes)
+    if args.shared_dense:
+        changes["paired_timing"] = False
+    for name in ("seeds", "error_steps"):
+        if getattr(args, name) is not None:
+            changes[name] = tuple(getattr(args, name))
+    for name in ("device", "dtype", "prompt", "guidance", "warmup", "mask_layer", "mask_head"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    try:
+        return dataclasses.replace(matrix, **changes) if changes else matrix
+    except ValueError as exc:
+        raise ValueError(f"bench flags: {exc}") from None
+
+
+def main(args) -> int:
+    """Run the bench described by parsed ``args``; returns the exit status (see the module doc)."""
+    matrix = matrix_from_args(args)
+    tolerances = parse_tolerance_flags(args.tolerance)
+    baseline = load_baseline(args.baseline) if args.baseline else None  # fail before the long run
+    run = BenchRun(matrix, Path(args.out), progress=not args.no_progress)
+    # The table reports LPIPS availability; keep the metrics module's one-line note off stderr.
+    metrics_log = logging.getLogger("ditaccel.metrics")
+    level = metrics_log.level
+    metrics_log.setLevel(logging.ERROR)
+    try:
+        run.run()
+    except KeyboardInterrupt:
+        run.results["interrupted"] = True
+        run.save()
+        write_outputs(run)
+        raise
+    finally:
+        metrics_log.setLevel(level)
+    diff = compare_results(run.results, baseline, tolerances) if baseline is not None else None
+    diff_text = format_diff(diff) if diff is not None else None
+    run.results["baseline"] = diff
+    run.results["files"] = write_outputs(run, diff, diff_text)
+    run.save()
+    print(format_table(run.results, _rows(run)))
+    print("\nwrote " + ", ".join(sorted(set(run.results["files"].values()))))
+    if args.save_baseline:
+        print(f"baseline written to {save_baseline(run.results, args.save_baseline, tolerances)}")
+    if diff_text:
+        print("\n" + diff_text)
+    return 1 if diff is not None and diff["regressions"] else 0
+
+
+def _rows(run: BenchRun):
+    from .runner import aggregate
+
+    return aggregate(run.results["cells"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stand-alone parser of ``python -m ditaccel.bench``."""
+    p = argparse.ArgumentParser(prog="python -m ditaccel.bench", description=DESCRIPTION)
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return add_arguments(p)
+
+
+__all__ = ["add_arguments", "add_parser", "build_parser", "main", "matrix_from_args"]

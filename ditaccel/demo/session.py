@@ -1,0 +1,283 @@
+"""The demo's engine, without Gradio: one loaded pipeline, cached dense runs, one method run against them.
+
+A :class:`DemoSession` serves one device. It keeps the last loaded pipeline (loading another model
+replaces it) and the dense result of the last few requests, keyed by everything that changes the
+dense output — model, prompt, seed, steps and size — so trying another method or knob on the same
+request reruns only the accelerated side. Each generation follows ``ditaccel compare``: the same
+call arguments (``call_arguments``), an untimed 1-step warm-up before a dense run, ``timed_run`` for
+both sides, ``ditaccel.accelerate`` removed in a ``finally``, ``compare_media`` for the quality
+and ``write_media`` for the files. The density heat map and the block map (the method's choice at
+one sparse layer of the last step, caught with ``handle.observe``) are drawn by ``ditaccel.bench.plots``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..bench.plots import block_mask_figure, density_heatmaps
+from ..bench.runner import MaskProbe
+from ..compare import (
+    RunResult,
+    call_arguments,
+    jsonable,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+    timed_run,
+    warm_up,
+    write_media,
+)
+
+EMBEDDED = "embedded"
+PRESET = "preset"  # the method choice that means "the model family's preset config"
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_FRAMES = 1024
+MAX_SEED = 2**63 - 1
+Progress = Callable[[float, str], None]
+
+
+def model_key(model: str | None) -> str | None:
+    """UI model text -> ``load_pipeline``'s argument: blank or "embedded" is the embedded default (None)."""
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise ValueError(f"model must be text (a local directory or hub id), got {model!r}")
+    model = model.strip()
+    return None if model in ("", EMBEDDED) else model
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What the dense output depends on (besides the device and dtype of the session).
+
+    ``frames`` None: the pipeline's own default (image pipelines take no frame count).
+    """
+
+    model: str | None
+    prompt: str
+    seed: int
+    steps: int
+    height: int
+    width: int
+    frames: int | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", model_key(self.model))
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError(f"prompt must be non-empty text, got {self.prompt!r}")
+        object.__setattr__(self, "seed", _check_int("seed", self.seed, 0, MAX_SEED))
+        object.__setattr__(self, "steps", _check_int("steps", self.steps, 1, MAX_STEPS))
+        for name in ("height", "width"):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), 8, MAX_SIDE))
+        if self.frames is not None:
+            object.__setattr__(self, "frames", _check_int("frames", self.frames, 1, MAX_FRAMES))
+
+    @property
+    def label(self) -> str:
+        return self.model or EMBEDDED
+
+
+@dataclass
+class DemoResult:
+    """One generation: both runs, the accelerated run's stats, quality, files and a JSON-safe report."""
+
+    request: GenerateRequest
+    dense: RunResult
+    accelerated: RunResult
+    dense_cached: bool
+    stats: dict
+    quality: dict
+    files: dict[str, str | None]  # dense, accelerated, side_by_side; heatmap, block_map (None: nothing drawn)
+    report: dict
+
+
+def _ratio(num, den):
+    return num / den if num is not None and den else None
+
+
+class DemoSession:
+    """Generation state of one demo server: device, dtype, the loaded pipeline and the dense cache."""
+
+    def __init__(self, device=None, dtype=None, *, dense_cache_size: int = 4, fps: int = 8,
+                 work_dir: str | Path | None = None, keep_results: int = 4):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.fps = fps
+        self.dense_cache_size = dense_cache_size
+        self.keep_results = keep_results
+        self._owned_dir = work_dir is None
+        self.work_dir = Path(tempfile.mkdtemp(prefix="ditaccel-demo-") if work_dir is None else work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._pipe = None
+        self._pipe_model: str | None = None
+        self._defaults: dict = {}
+        self._dense: OrderedDict[tuple, RunResult] = OrderedDict()
+        self._results: list[Path] = []
+        self._counter = 0
+        # The page queues its events one at a time per device; the lock also covers direct callers
+        # (scripts, tests): one pipeline must never run two calls at once.
+        self._lock = threading.RLock()
+
+    # --- model -----------------------------------------------------------------------------------
+    def pipeline(self, model: str | None):
+        """(pipe, call defaults) for ``model``, loading it (and dropping the previous one) if needed."""
+        model = model_key(model)
+        with self._lock:
+            if self._pipe is None or self._pipe_model != model:
+                self._pipe = None
+                self._dense.clear()
+                self.free_memory()
+                pipe, defaults = load_pipeline(model, self.device, self.dtype)
+                self._pipe, self._pipe_model, self._defaults = pipe, model, dict(defaults)
+            return self._pipe, self._defaults
+
+    def family_configs(self, model: str | None, methods) -> tuple[str, dict]:
+        """(family name, {method: config}) — the configs ``accelerate(pipe, method)`` would use, with
+        the family's tuned defaults; and under :data:`PRESET`, the family preset."""
+        from ..accelerate import resolve_config
+        from ..pipelines import find_adapter
+
+        pipe, _ = self.pipeline(model)
+        adapter = find_adapter(pipe)
+        configs = {m: resolve_config(adapter, m, {}) for m in methods}
+        configs[PRESET] = resolve_config(adapter, None, {})
+        return adapter.family, configs
+
+    def free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # --- one generation --------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest, method: str | None, overrides: dict | None = None,
+                 progress: Progress | None = None) -> DemoResult:
+        """Dense (cached) and accelerated runs of ``request``; ``method`` None or "preset": family preset."""
+        import ditaccel
+
+        from ..accelerate import resolve_config
+        from ..metrics import compare_media
+        from ..pipelines import find_adapter
+
+        say = progress or (lambda fraction, desc: None)
+        method = None if method in (None, PRESET) else method
+        with self._lock:
+            say(0.0, f"loading {request.label}")
+            pipe, defaults = self.pipeline(request.model)
+            kwargs = call_arguments(pipe, defaults, request.prompt, steps=request.steps, height=request.height,
+                                    width=request.width, frames=request.frames)
+            config = resolve_config(find_adapter(pipe), method, dict(overrides or {}))
+
+            key = (request, str(self.device), str(self.dtype))
+            dense = self._dense.get(key)
+            dense_cached = dense is not None
+            if dense is None:
+                say(0.05, "dense run")
+                # As in ``compare``: an untimed 1-step call absorbs first-call costs before the timed run.
+                warm_up(pipe, dict(kwargs, num_inference_steps=1), seed=request.seed, runs=1)
+                dense = timed_run(pipe, kwargs, seed=request.seed, device=self.device, label="dense")
+                self._dense[key] = dense
+                if len(self._dense) > self.dense_cache_size:
+                    self._dense.popitem(last=False)
+            else:
+                self._dense.move_to_end(key)
+
+            say(0.5, f"{config.method} run")
+            probe = MaskProbe(config, step=request.steps - 1, layer=None)  # the last step, first sparse layer
+            seen: dict = {}
+
+            def observe(info, q, k, v):
+                seen.setdefault("grid", list(info["grid"]))
+                probe(info, q, k, v)
+
+            with ditaccel.accelerate(pipe, config) as handle:
+                handle.observe(observe)
+                accel = timed_run(pipe, kwargs, seed=request.seed, device=self.device, label=config.method)
+                stats = handle.stats()
+
+            say(0.9, "metrics and pictures")
+            quality = compare_media(dense.media, accel.media, reference_latents=dense.latents,
+                                    test_latents=accel.latents)
+            out = self._result_dir()
+            files = write_media(out, dense, accel, fps=self.fps)
+            mean = stats["mean_density"]
+            heatmap = density_heatmaps([(config.method, stats["per_layer_step"])], out / "density.png",
+                                       title="density per layer and step"
+                                             + (f" (mean {mean:.3f})" if mean is not None else ""))
+            block_map = block_mask_figure([(config.method, probe.block_map(head=0))], out / "block_map.png",
+                                          title=f"{config.method}: blocks computed (head 0)")
+            files.update(heatmap=str(heatmap) if heatmap else None, block_map=str(block_map) if block_map else None)
+            report = self._report(request, kwargs, config, dense, accel, dense_cached, stats, quality, files,
+                                  seen.get("grid"))
+            say(1.0, "done")
+            return DemoResult(request, dense, accel, dense_cached, stats, quality, files, report)
+
+    def _result_dir(self) -> Path:
+        """A fresh directory per result; Gradio copies the files it serves, so old ones are pruned."""
+        self._counter += 1
+        out = self.work_dir / f"result-{self._counter:05d}"
+        out.mkdir(parents=True)
+        self._results.append(out)
+        while len(self._results) > self.keep_results:
+            shutil.rmtree(self._results.pop(0), ignore_errors=True)
+        return out
+
+    def _report(self, request, kwargs, config, dense, accel, dense_cached, stats, quality, files, grid) -> dict:
+        d, a = dense.timing(), accel.timing()
+        per_step = stats.get("steps") or {}
+        densities = [per_step[i]["density"] if i in per_step else None for i in range(len(a["step_ms"]))]
+        sparse = [d_ms / a_ms for d_ms, a_ms, dens in zip(d["step_ms"], a["step_ms"], densities)
+                  if dens is not None and dens < 1 and a_ms > 0]
+        report = {
+            "model": request.label,
+            "pipeline": type(self._pipe).__name__,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "method": config.method,
+            "config": config.to_dict(),
+            "call": {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
+                    | {"seed": request.seed},
+            "media": "video" if dense.is_video else "image",
+            "grid": grid,
+            "dense_cached": dense_cached,
+            "timing": {
+                "dense": d, "accelerated": a,
+                "speedup": _ratio(d["denoise_ms"], a["denoise_ms"]),
+                "speedup_total": _ratio(d["total_ms"], a["total_ms"]),
+                "speedup_median_sparse_step": statistics.median(sparse) if sparse else None,
+            },
+            "density": {"mean": stats["mean_density"], "calls": stats["calls"], "per_step": densities},
+            "quality": quality,
+            "attention_time_ms": stats.get("attention_time_ms"),
+            "files": files,
+        }
+        return jsonable(report)
+
+    def close(self) -> None:
+        with self._lock:
+            self._pipe = None
+            self._dense.clear()
+            self.free_memory()
+            if self._owned_dir:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+__all__ = ["DemoResult", "DemoSession", "GenerateRequest", "PRESET", "model_key"]
