@@ -55,6 +55,27 @@ def clamped_window_start(center: torch.Tensor, size: int, length) -> torch.Tenso
     return start.clamp(max=max(length - size, 0))
 
 
+class ShapeCache:
+    """What a method derives from a call's shape alone (plans, block maps, layouts), kept per
+    (shape, device) for the ``size`` most recently used keys."""
+
+    def __init__(self, size: int = _PLAN_CACHE_SIZE):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, shape, device, build):
+        """The value for (``shape``, ``device``), from ``build()`` the first time."""
+        key = (shape, str(device))
+        value = self._items.get(key)
+        if value is None:
+            value = self._items[key] = build()
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return value
+
+
 class AttentionMethod:
     """Base class: dense at ``dense_steps`` / ``dense_layers``, else a plan.
 
@@ -68,7 +89,7 @@ class AttentionMethod:
 
     def __init__(self, config: AttentionConfig):
         self.config = config
-        self._plans: OrderedDict = OrderedDict()
+        self._plans = ShapeCache()
 
     def is_dense(self, layer: int, step: int) -> bool:
         return step < self.config.dense_steps or self.config.layer_is_dense(layer)
@@ -84,16 +105,7 @@ class AttentionMethod:
         return self.plan(ctx.shape, q.device)
 
     def plan(self, shape: CallShape, device: torch.device) -> SparsePlan | None:
-        key = (shape, str(device))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self.build(shape, device)
-            self._plans[key] = plan
-            if len(self._plans) > _PLAN_CACHE_SIZE:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return plan
+        return self._plans.get(shape, device, lambda: self.build(shape, device))
 
     def tile_for(self, grid) -> tuple[int, int, int]:
         tile = getattr(self.config, "tile", None)

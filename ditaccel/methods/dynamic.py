@@ -22,7 +22,6 @@ little against ``cache_budget_mb``. ``ctx.count("scoring")`` counts every scorin
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +29,8 @@ import torch
 from ..config import ORDERS, AttentionConfig, check_block_tile, knob
 from ..layout import VIDEO, TokenLayout, build_layout
 from ..plan import SparsePlan, plan_from_blocks
-from .base import AttentionMethod, CallShape
+from .base import AttentionMethod, CallShape, ShapeCache
 
-_VIDEO_CACHE_SIZE = 16
 KEEP_STATE = "dynamic.keep"  # ctx.state names: the reused selection and the skip set (bit-packed)
 SKIP_STATE = "dynamic.skip"
 
@@ -131,7 +129,7 @@ class DynamicMethod(AttentionMethod):
 
     def __init__(self, config: DynamicConfig):
         super().__init__(config)
-        self._video: OrderedDict = OrderedDict()
+        self._video = ShapeCache()
 
     def order(self) -> str:
         return self.config.order
@@ -147,17 +145,12 @@ class DynamicMethod(AttentionMethod):
 
     # --- the shared machinery -----------------------------------------------------------------
     def video_blocks_for(self, shape: CallShape, device) -> VideoBlocks:
-        key = (shape, str(device))
-        vb = self._video.get(key)
-        if vb is None:
+        def build():
             layout = build_layout(shape.grid, shape.text_len, shape.text_position, self.order(),
                                   self.tile_for(shape.grid), self.config.block_size)
-            vb = self._video[key] = video_blocks(layout, device)
-            if len(self._video) > _VIDEO_CACHE_SIZE:
-                self._video.popitem(last=False)
-        else:
-            self._video.move_to_end(key)
-        return vb
+            return video_blocks(layout, device)
+
+        return self._video.get(shape, device, build)
 
     def is_scoring_step(self, step: int) -> bool:
         return (step - self.config.dense_steps) % self.config.refresh == 0

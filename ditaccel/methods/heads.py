@@ -50,7 +50,6 @@ syncs with the host once (to read the errors).
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -59,14 +58,13 @@ import torch.nn.functional as F
 from ..config import ORDERS, AttentionConfig, check_block_tile, knob
 from ..layout import TEXT, VIDEO, TokenLayout, build_layout, per_head_layout, video_order
 from ..plan import SparsePlan, plan_from_blocks
-from .base import AttentionMethod, CallShape, num_tiles
+from .base import AttentionMethod, CallShape, ShapeCache, num_tiles
 
 PATTERNS = ("spatial", "temporal", "diagonal", "multi_diagonal", "vertical_stripe", "dense")
 PATTERNS_KEY = "heads.patterns"
 CHOICE_KEY = "heads.choice"
 PLAN_KEY = "heads.plan"
 
-_MAP_CACHE_SIZE = 16
 _PROFILE_BUDGET_BYTES = 256 * 2**20  # float32 score rows per head chunk while profiling
 
 
@@ -251,7 +249,7 @@ class HeadsMethod(AttentionMethod):
 
     def __init__(self, config: HeadsConfig):
         super().__init__(config)
-        self._maps: OrderedDict = OrderedDict()
+        self._maps = ShapeCache()
 
     def order(self) -> str:
         return self.config.order
@@ -265,17 +263,11 @@ class HeadsMethod(AttentionMethod):
 
     def maps(self, shape: CallShape, device) -> dict:
         """Fixed pattern maps of ``shape``, cached per (shape, device) like static plans."""
-        key = (shape, str(device))
-        maps = self._maps.get(key)
-        if maps is None:
+        def build():
             base, transposed = self.layouts(shape)
-            maps = fixed_pattern_maps(base, transposed, self.config, self.tile_for(shape.grid), device)
-            self._maps[key] = maps
-            if len(self._maps) > _MAP_CACHE_SIZE:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(key)
-        return maps
+            return fixed_pattern_maps(base, transposed, self.config, self.tile_for(shape.grid), device)
+
+        return self._maps.get(shape, device, build)
 
     def decide(self, ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> SparsePlan | None:
         """None (the model's own attention) at dense steps/layers and where every head chose dense."""
