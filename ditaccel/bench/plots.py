@@ -80,16 +80,22 @@ def density_grid(per_layer_step: list[dict]) -> tuple[np.ndarray, list[str], lis
     return grid, layers, steps
 
 
+def _panel_axes(n: int, max_cols: int, width: float, height: float, extra: float):
+    """A figure with ``n`` panels, at most ``max_cols`` a row, each ``width`` x ``height`` inches
+    (``extra`` inches for titles); returns (fig, flat axes)."""
+    cols = min(max_cols, n)
+    rows = math.ceil(n / cols)
+    fig = _figure(width * cols, height * rows + extra)
+    return fig, np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+
+
 def density_heatmaps(panels: list[tuple[str, list[dict]]], path: Path, title: str) -> Path | None:
     """``panels``: (method label, per_layer_step entries); one heat map each, one colour scale."""
     panels = [(label, density_grid(entries)) for label, entries in panels if entries]
     panels = [(label, g) for label, g in panels if g[0].size]
     if not panels:
         return None
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig = _figure(3.6 * cols, 2.6 * rows + 0.4)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    fig, axes = _panel_axes(len(panels), 3, 3.6, 2.6, 0.4)
     image = None
     for ax, (label, (grid, layers, steps)) in zip(axes, panels):
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
@@ -116,10 +122,7 @@ def block_mask_figure(panels: list[tuple[str, dict]], path: Path, title: str) ->
 
     if not panels:
         return None
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig = _figure(3.0 * cols, 3.0 * rows + 0.8)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    fig, axes = _panel_axes(len(panels), 4, 3.0, 3.0, 0.8)
     cmap = ListedColormap(MASK_COLOURS)
     for ax, (label, bm) in zip(axes, panels):
         where = f"layer {bm.get('layer')}, head {bm.get('head')}, step {bm.get('step')}"

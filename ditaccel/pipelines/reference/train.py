@@ -148,17 +148,22 @@ def _foreground(x: torch.Tensor) -> torch.Tensor:
     return ((top - bottom >= 0.3) & (top >= 0.5)).float()
 
 
+def resume(path, **parts) -> int:
+    """Load each named part's state from the checkpoint at ``path``; the step it reached (0: none)."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    return state["step"]
+
+
 # --- stage 1: VAE ---------------------------------------------------------------------------------
 
 def train_vae(cfg: TrainConfig, pipe) -> None:
     vae, path = pipe.vae, cfg.paths["vae"]
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    step = 0
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = resume(path, model=vae, optimizer=opt)
     if step >= cfg.vae_steps:
         return
     vae.train().requires_grad_(True)
@@ -279,13 +284,7 @@ def train_transformer(cfg: TrainConfig, pipe, cache: dict) -> torch.nn.Module:
     ema = model.build(cfg.seed, cfg.transformer_config, cfg.vae_config).transformer.to(cfg.device)
     ema.load_state_dict(transformer.state_dict())
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
-    step = 0
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        transformer.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = resume(path, model=transformer, ema=ema, optimizer=opt)
     ema.requires_grad_(False).eval()
     if step >= cfg.dit_steps:
         return ema
