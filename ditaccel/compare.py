@@ -82,9 +82,11 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype):
         raise ValueError(f"--model {model!r}: no such directory")
     from diffusers import DiffusionPipeline
 
+    from .pipelines.loading import from_pretrained
+
     # Weights as safetensors only (no pickle), and never code shipped with the checkpoint.
-    pipe = DiffusionPipeline.from_pretrained(path if os.path.exists(path) else model, torch_dtype=dtype,
-                                             use_safetensors=True, trust_remote_code=False)
+    pipe = from_pretrained(DiffusionPipeline, path if os.path.exists(path) else model, dtype,
+                           use_safetensors=True, trust_remote_code=False)
     return pipe.to(device), {}
 
 

@@ -111,7 +111,9 @@ def test_local_mass_of_peaked_and_flat_attention():
 
 TINY_TRANSFORMER = dict(model.TRANSFORMER_CONFIG, num_layers=1, num_attention_heads=2, attention_head_dim=8,
                         ffn_dim=32)
-TINY = ["--vae-steps", "2", "--vae-clip", "5", "32", "32", "--full-clips", "2", "--small-clips", "2",
+TINY = ["--vae-steps", "2", "--vae-clip", "5", "32", "32", "--decoder-steps", "2", "--decoder-clip", "5", "32", "48",
+        "--cooldown-steps", "2",
+        "--full-clips", "2", "--small-clips", "2",
         "--frames", "5", "--height", "48", "--width", "64", "--small-canvas", "32", "48", "--crop", "4", "6",
         "--crop-batch", "2", "--full-batch", "1", "--checkpoint-every", "2", "--full-fraction", "0.5",
         "--threads", "0"]
@@ -127,8 +129,8 @@ def test_training_runs_exports_and_resumes_to_the_same_weights(tmp_path):
     assert train.train(tiny_config(tmp_path / "b", 4, stop_at=2)) is None  # interrupted: no export yet
     state = torch.load(tmp_path / "b" / "transformer.pt", weights_only=False)
     assert state["step"] == 2 and not (tmp_path / "b" / "pipeline").exists()
-    resumed = train.train(tiny_config(tmp_path / "b", 4))  # picks up at step 2
-    assert torch.load(tmp_path / "b" / "transformer.pt", weights_only=False)["step"] == 4
+    resumed = train.train(tiny_config(tmp_path / "b", 4))  # picks up at step 2, runs the 2 cool-down steps
+    assert torch.load(tmp_path / "b" / "transformer.pt", weights_only=False)["step"] == 6
 
     a = WanPipeline.from_pretrained(straight, local_files_only=True)
     b = WanPipeline.from_pretrained(resumed, local_files_only=True)

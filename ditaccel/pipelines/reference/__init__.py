@@ -23,11 +23,13 @@ def load(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     """The trained reference ``WanPipeline`` on ``device`` in ``dtype``, offline."""
     from diffusers import WanPipeline
 
+    from ..loading import from_pretrained
+
     path = Path(path) if path is not None else WEIGHTS_DIR
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no trained reference pipeline under {path} (model_index.json missing); "
                                 "train one with `python -m ditaccel.pipelines.reference.train`")
-    pipe = WanPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+    pipe = from_pretrained(WanPipeline, path, dtype, local_files_only=True, use_safetensors=True)
     return pipe.to(device)
 
 

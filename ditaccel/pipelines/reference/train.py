@@ -1,6 +1,6 @@
 """Train the reference pipeline from scratch: ``python -m ditaccel.pipelines.reference.train``.
 
-Four resumable stages, each checkpointed under ``--workdir`` (default
+Five resumable stages, each checkpointed under ``--workdir`` (default
 ``~/.cache/ditaccel/reference-train/``); re-running the command continues where it stopped:
 
 1. ``vae``: the ``AutoencoderKLWan`` on small clips of the full frame count (it is convolutional, so a
@@ -10,14 +10,24 @@ Four resumable stages, each checkpointed under ``--workdir`` (default
 2. ``latents``: encode a fixed set of clips once (posterior means) and cache them with their specs:
    clips at the full training size and clips on a small canvas; set the VAE's
    ``latents_mean`` / ``latents_std`` from them so the transformer sees unit-scale latents;
-3. ``transformer``: flow matching on the cached latents (x_t = (1 - s) x0 + s e, target e - x0,
+3. ``decoder``: fine-tune the decoder alone (encoder frozen, so the cached latents stay valid) with a
+   cosine-decaying learning rate: the constant-lr joint stage ends noisy, and colours are decided by
+   the decoder;
+4. ``transformer``: flow matching on the cached latents (x_t = (1 - s) x0 + s e, target e - x0,
    timestep = 1000 s, s drawn with the scheduler's shift), captions through the frozen text encoder,
    10% empty captions for classifier-free guidance, an EMA of the weights. The first steps use
    small latent crops (cheap; Wan's 3-D RoPE only sees relative positions and shapes have pixel
    sizes, so a crop is a smaller window on the same world) that contain the shape's whole path; the
-   last ``--full-fraction`` of the steps use whole full-size latents;
-4. ``export``: ``save_pretrained(safe_serialization=True)`` of the whole ``WanPipeline`` (EMA weights).
+   last ``--full-fraction`` of the ``--dit-steps`` use whole full-size latents; a cool-down of
+   ``--cooldown-steps`` follows (every 4th step full-size, the rest crops, the learning rate
+   cosine-decayed to a tenth): the full-size batches are small, and at the constant rate they left
+   the weights noisy enough to break the first latent frames' consistency with the rest;
+5. ``export``: ``save_pretrained(safe_serialization=True)`` of the whole ``WanPipeline`` (EMA weights),
+   once every stage has finished.
 
+The decoder and transformer stages only share the frozen encoder, so two processes can run them side
+by side on two cores: ``--stages vae,decoder`` in one, ``--stages vae,latents,transformer`` in the
+other, then ``--stages export`` (the default, all stages, does the same one after the other).
 Every random draw is a function of (seed, stage, step), so a resumed run is the run it continues
 (with the same settings; ``--stop-at N`` ends a piece at transformer step N). ``--device cuda`` trains
 on a GPU; on CPU ``--threads`` (default 1) sets torch's intra-op threads. After the export, copy the
@@ -46,7 +56,8 @@ from . import data, model
 
 log = logging.getLogger("ditaccel.reference.train")
 DEFAULT_WORKDIR = Path("~/.cache/ditaccel/reference-train").expanduser()
-VAE_STAGE, LATENT_STAGE, DIT_STAGE = 1, 2, 3
+VAE_STAGE, LATENT_STAGE, DIT_STAGE, DECODER_STAGE = 1, 2, 3, 4
+STAGES = ("vae", "latents", "decoder", "transformer", "export")
 
 
 @dataclass
@@ -61,22 +72,27 @@ class TrainConfig:
     frames: int = 17  # the full training / generation size
     height: int = 144
     width: int = 192
-    vae_steps: int = 3000
+    stages: tuple = STAGES  # which stages this process runs (decoder and transformer can run side by side)
+    vae_steps: int = 2250
     vae_batch: int = 1
     vae_clip: tuple = (17, 48, 64)  # frames, height, width: as many frames as generated (causal cache)
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     latent_noise: float = 0.1  # std of the noise added to the posterior mean while training the VAE
     foreground_weight: float = 9.0  # extra reconstruction weight on the shape's pixels
+    decoder_steps: int = 1400  # decoder-only fine-tuning with the encoder (so the latents) frozen
+    decoder_clip: tuple = (17, 48, 64)
+    decoder_lr: float = 3e-4  # cosine-decayed to a tenth
     full_clips: int = 60
     small_clips: int = 200
     small_canvas: tuple = (64, 96)  # height, width of the small clips (latent 8 x 12)
     crop: tuple = (8, 12)  # latent height, width of the cheap steps
-    dit_steps: int = 1400
-    full_fraction: float = 0.12
+    dit_steps: int = 6000
+    cooldown_steps: int = 1000  # then: lr cosine-decayed to a tenth, every 4th step full-size, the rest crops
+    full_fraction: float = 0.1
     crop_batch: int = 8
     full_batch: int = 2
-    dit_lr: float = 5e-4
+    dit_lr: float = 6e-4
     warmup: int = 100
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
@@ -95,7 +111,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.stop_at is not None and (not isinstance(self.stop_at, int) or self.stop_at < 0):
             raise ValueError(f"stop_at must be None or an int >= 0, got {self.stop_at!r}")
-        for name in ("vae_steps", "small_clips", "dit_steps", "warmup", "threads"):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise ValueError(f"stages must be a non-empty subset of {list(STAGES)}, got {list(self.stages)!r}")
+        for name in ("vae_steps", "decoder_steps", "small_clips", "dit_steps", "cooldown_steps", "warmup", "threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -113,7 +132,7 @@ class TrainConfig:
     @property
     def paths(self) -> dict:
         root = Path(self.workdir).expanduser()
-        return {"vae": root / "vae.pt", "latents": root / "latents.pt", "transformer": root / "transformer.pt",
+        return {"vae": root / "vae.pt", "decoder": root / "decoder.pt", "latents": root / "latents.pt", "transformer": root / "transformer.pt",
                 "export": Path(self.export_dir).expanduser() if self.export_dir else root / "pipeline"}
 
 
@@ -160,47 +179,72 @@ def resume(path, **parts) -> int:
 
 # --- stage 1: VAE ---------------------------------------------------------------------------------
 
-def train_vae(cfg: TrainConfig, pipe) -> None:
-    vae, path = pipe.vae, cfg.paths["vae"]
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+def _reconstruction_loss(cfg: TrainConfig, vae, x: torch.Tensor, step: int, stage: int, encoder_grad: bool):
+    # A fixed small noise on the posterior mean instead of sampling with the learned variance: at
+    # initialisation that variance is ~1 and drowns the signal, so the decoder first learns to
+    # ignore its input (hundreds of CPU steps lost). The noise keeps the decoder tolerant of the
+    # transformer's small errors; the tiny penalty on the mean keeps latents bounded.
+    with torch.set_grad_enabled(encoder_grad):
+        mean = vae.encode(x).latent_dist.mean
+    z = mean + cfg.latent_noise * torch.randn(mean.shape, generator=_torch_gen(cfg, stage, step)).to(x.device)
+    recon = vae.decode(z).sample
+    # The shape covers a few % of the pixels but is all the captions talk about: weigh it up.
+    weight = 1.0 + cfg.foreground_weight * _foreground(x)
+    error = recon - x
+    loss = (weight * (error.square() + 0.5 * error.abs())).mean() / weight.mean()
+    return loss + cfg.kl_weight * 0.5 * mean.square().mean() if encoder_grad else loss
+
+
+def _train_autoencoder(cfg: TrainConfig, vae, stage: int, decoder_only: bool) -> None:
+    """Stage 1 (encoder and decoder, constant lr after a warm-up) or the decoder fine-tuning (cosine lr)."""
+    path, total = (cfg.paths["decoder"], cfg.decoder_steps) if decoder_only else (cfg.paths["vae"], cfg.vae_steps)
+    params = ([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if decoder_only
+              else list(vae.parameters()))
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr if decoder_only else cfg.vae_lr, weight_decay=0.0)
     step = resume(path, model=vae, optimizer=opt)
-    if step >= cfg.vae_steps:
+    if step >= total:
         return
-    vae.train().requires_grad_(True)
-    frames, height, width = cfg.vae_clip
-    bar, ema_loss = _bar(cfg, cfg.vae_steps, step, "vae"), None
-    while step < cfg.vae_steps:
-        rng = _rng(cfg, VAE_STAGE, step)
+    vae.train().requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    frames, height, width = cfg.decoder_clip if decoder_only else cfg.vae_clip
+    name = "decoder" if decoder_only else "vae"
+    bar, ema_loss = _bar(cfg, total, step, name), None
+    while step < total:
+        rng = _rng(cfg, stage, step)
         clips = [data.render(data.sample_spec(rng, height, width, frames, data.all_combos()), height, width, frames)
                  for _ in range(cfg.vae_batch)]
         x = torch.stack([_to_model_input(c) for c in clips]).to(cfg.device)
         for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 20)
-        # A fixed small noise on the posterior mean instead of sampling with the learned variance: at
-        # initialisation that variance is ~1 and drowns the signal, so the decoder first learns to
-        # ignore its input (hundreds of CPU steps lost). The noise keeps the decoder tolerant of the
-        # transformer's small errors; the tiny penalty on the mean keeps latents bounded.
-        mean = vae.encode(x).latent_dist.mean
-        z = mean + cfg.latent_noise * torch.randn(mean.shape, generator=_torch_gen(cfg, VAE_STAGE, step)).to(x.device)
-        recon = vae.decode(z).sample
-        kl = 0.5 * mean.square().mean()
-        # The shape covers a few % of the pixels but is all the captions talk about: weigh it up.
-        weight = 1.0 + cfg.foreground_weight * _foreground(x)
-        error = recon - x
-        loss = (weight * (error.square() + 0.5 * error.abs())).mean() / weight.mean() + cfg.kl_weight * kl
+            if decoder_only:
+                group["lr"] = cfg.decoder_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total)))
+            else:
+                group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 20)
+        loss = _reconstruction_loss(cfg, vae, x, step, stage, encoder_grad=not decoder_only)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema_loss:.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
+        if step % cfg.checkpoint_every == 0 or step == total:
             _save(path, {"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step})
-            log.info("vae step %d loss %.5f", step, ema_loss)
+            log.info("%s step %d loss %.5f", name, step, ema_loss)
     bar.close()
     vae.eval().requires_grad_(False)
+
+
+def train_vae(cfg: TrainConfig, pipe) -> None:
+    """Stage 1: encoder and decoder together on small clips of the full frame count."""
+    _train_autoencoder(cfg, pipe.vae, VAE_STAGE, decoder_only=False)
+
+
+def train_decoder(cfg: TrainConfig, pipe) -> None:
+    """Stage 3: the decoder alone on larger clips, lr decaying. The encoder stays frozen, so the cached
+    latents stay valid and this stage can run beside the transformer's (``--stages``)."""
+    _train_autoencoder(cfg, pipe.vae, DECODER_STAGE, decoder_only=True)
 
 
 # --- stage 2: latent cache ------------------------------------------------------------------------
@@ -286,21 +330,25 @@ def train_transformer(cfg: TrainConfig, pipe, cache: dict) -> torch.nn.Module:
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
     step = resume(path, model=transformer, ema=ema, optimizer=opt)
     ema.requires_grad_(False).eval()
-    if step >= cfg.dit_steps:
+    total = cfg.dit_steps + cfg.cooldown_steps
+    if step >= total:
         return ema
     transformer.train().requires_grad_(True)
     shift = pipe.scheduler.config.shift
     full_from = int(round(cfg.dit_steps * (1 - cfg.full_fraction)))
-    bar, ema_loss = _bar(cfg, cfg.dit_steps, step, "transformer"), None
-    end = cfg.dit_steps if cfg.stop_at is None else min(cfg.stop_at, cfg.dit_steps)
+    bar, ema_loss = _bar(cfg, total, step, "transformer"), None
+    end = total if cfg.stop_at is None else min(cfg.stop_at, total)
     while step < end:
-        full = step >= full_from
+        cooling = step - cfg.dit_steps  # >= 0 in the cool-down
+        full = full_from <= step < cfg.dit_steps or (cooling >= 0 and cooling % 4 == 3)
         x0, captions = _dit_batch(cfg, cache, step, full)
         with torch.no_grad():
             embeds, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
                                            max_sequence_length=model.MAX_SEQUENCE_LENGTH, device=cfg.device)
         for group in opt.param_groups:
             group["lr"] = cfg.dit_lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            if cooling >= 0:  # batch-2 full-size steps at a constant lr leave the weights noisy: decay it
+                group["lr"] = cfg.dit_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * cooling / cfg.cooldown_steps)))
         loss = flow_matching_loss(transformer, x0, embeds, _torch_gen(cfg, DIT_STAGE, step), shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -320,7 +368,7 @@ def train_transformer(cfg: TrainConfig, pipe, cache: dict) -> torch.nn.Module:
             log.info("transformer step %d loss %.5f (%s)", step, ema_loss, "full" if full else "crop")
     bar.close()
     transformer.eval().requires_grad_(False)
-    return ema if step >= cfg.dit_steps else None
+    return ema if step >= total else None
 
 
 # --- the whole run --------------------------------------------------------------------------------
@@ -329,8 +377,9 @@ def assemble(cfg: TrainConfig, transformer_weights: str = "ema"):
     """The pipeline from the checkpoints in ``cfg.workdir`` (stages that have not run keep random weights)."""
     pipe = model.build(cfg.seed, cfg.transformer_config, cfg.vae_config)
     paths = cfg.paths
-    if paths["vae"].is_file():
-        pipe.vae.load_state_dict(torch.load(paths["vae"], map_location="cpu", weights_only=False)["model"])
+    for name in ("vae", "decoder"):  # the decoder checkpoint holds the whole VAE, its encoder unchanged
+        if paths[name].is_file():
+            pipe.vae.load_state_dict(torch.load(paths[name], map_location="cpu", weights_only=False)["model"])
     if paths["latents"].is_file():
         cache = torch.load(paths["latents"], map_location="cpu", weights_only=False)
         if "mean" in cache:
@@ -341,22 +390,43 @@ def assemble(cfg: TrainConfig, transformer_weights: str = "ema"):
     return pipe
 
 
+def _steps_done(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["step"] if path.is_file() else 0
+
+
 def train(cfg: TrainConfig) -> Path | None:
-    """Run (or resume) every stage and export the pipeline; returns the export directory (None when
-    ``stop_at`` ended the run before the last step: run again to continue)."""
+    """Run (or resume) the stages in ``cfg.stages`` and export the pipeline; returns the export
+    directory, or None when no export happened (``stop_at`` ended the transformer early, or another
+    process still has a stage to finish: run again to continue)."""
     if cfg.threads and torch.device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.threads)
-    started = time.perf_counter()
+    started, run, paths = time.perf_counter(), set(cfg.stages), cfg.paths
     pipe = model.build(cfg.seed, cfg.transformer_config, cfg.vae_config).to(cfg.device)
-    train_vae(cfg, pipe)
-    cache = cache_latents(cfg, pipe)
-    ema = train_transformer(cfg, pipe, cache)
-    if ema is None:
-        log.info("stopped at transformer step %d of %d; run again to resume", cfg.stop_at, cfg.dit_steps)
+    if "vae" in run:
+        train_vae(cfg, pipe)
+    elif _steps_done(paths["vae"]) < cfg.vae_steps:
+        raise ValueError(f"stages {list(cfg.stages)} need the vae stage finished ({_steps_done(paths['vae'])} of "
+                         f"{cfg.vae_steps} steps in {paths['vae']}); add 'vae' to --stages")
+    else:
+        resume(paths["vae"], model=pipe.vae)
+    if run & {"latents", "transformer"}:
+        cache = cache_latents(cfg, pipe)
+    if "decoder" in run:
+        train_decoder(cfg, pipe)
+    if "transformer" in run and train_transformer(cfg, pipe, cache) is None:
+        log.info("stopped at transformer step %d of %d; run again to resume", cfg.stop_at,
+                 cfg.dit_steps + cfg.cooldown_steps)
         return None
-    pipe.transformer.load_state_dict(ema.state_dict())
-    out = cfg.paths["export"]
-    pipe.to("cpu").save_pretrained(out, safe_serialization=True)
+    if "export" not in run:
+        return None
+    missing = [f"{name} ({_steps_done(paths[name])} of {total} steps)"
+               for name, total in (("decoder", cfg.decoder_steps), ("transformer", cfg.dit_steps + cfg.cooldown_steps))
+               if _steps_done(paths[name]) < total]
+    if missing or not paths["latents"].is_file():
+        log.info("not exported yet, unfinished: %s", ", ".join(missing) or "latents")
+        return None
+    out = paths["export"]
+    assemble(cfg).save_pretrained(out, safe_serialization=True)
     log.info("exported to %s after %.1f min in this process", out, (time.perf_counter() - started) / 60)
     return out
 
@@ -366,6 +436,10 @@ def parse_args(argv=None) -> TrainConfig:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("transformer_config", "vae_config", "progress"):
+            continue
+        if f.name == "stages":
+            parser.add_argument("--stages", type=lambda v: tuple(x for x in v.split(",") if x), default=STAGES,
+                                help=f"comma-separated subset of {','.join(STAGES)} (default: all, in order)")
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, tuple):
