@@ -82,6 +82,8 @@ def test_bad_input_names_the_field():
         train.TrainConfig(full_fraction=1.5)
     with pytest.raises(ValueError, match="frames"):
         train.TrainConfig(frames=16)
+    with pytest.raises(ValueError, match="stages"):
+        train.TrainConfig(stages=("vae", "bogus"))
 
 
 # --- attention locality ---------------------------------------------------------------------------
@@ -141,6 +143,21 @@ def test_training_runs_exports_and_resumes_to_the_same_weights(tmp_path):
     assert not torch.equal(a.transformer.state_dict()["proj_out.weight"], fresh["proj_out.weight"])  # it trained
     assert a.vae.config.latents_std != [1.0] * 16  # normalisation measured on the cached latents
     assert not list(straight.rglob("*.bin")) and list(straight.rglob("*.safetensors"))
+
+
+def test_stages_run_side_by_side_give_the_sequential_run(tmp_path):
+    straight = train.train(tiny_config(tmp_path / "a", 2))
+    with pytest.raises(ValueError, match="vae"):  # the transformer needs the finished VAE
+        train.train(tiny_config(tmp_path / "b", 2, stages=("latents", "transformer")))
+    assert train.train(tiny_config(tmp_path / "b", 2, stages=("vae", "decoder"))) is None
+    assert train.train(tiny_config(tmp_path / "b", 2, stages=("vae", "latents", "transformer"))) is None
+    parallel = train.train(tiny_config(tmp_path / "b", 2, stages=("export",)))
+    a = WanPipeline.from_pretrained(straight, local_files_only=True)
+    b = WanPipeline.from_pretrained(parallel, local_files_only=True)
+    for name in ("transformer", "vae"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert a.vae.config.latents_std == b.vae.config.latents_std
 
 
 # --- the shipped pipeline -------------------------------------------------------------------------

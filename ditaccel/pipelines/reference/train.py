@@ -132,7 +132,8 @@ class TrainConfig:
     @property
     def paths(self) -> dict:
         root = Path(self.workdir).expanduser()
-        return {"vae": root / "vae.pt", "decoder": root / "decoder.pt", "latents": root / "latents.pt", "transformer": root / "transformer.pt",
+        return {"vae": root / "vae.pt", "decoder": root / "decoder.pt", "latents": root / "latents.pt",
+                "transformer": root / "transformer.pt",
                 "export": Path(self.export_dir).expanduser() if self.export_dir else root / "pipeline"}
 
 
@@ -158,6 +159,11 @@ def _save(path: Path, state: dict) -> None:
 
 def _bar(cfg, total, initial, desc):
     return tqdm(total=total, initial=initial, desc=desc, disable=not cfg.progress, mininterval=5, dynamic_ncols=True)
+
+
+def _cosine_to_a_tenth(done: int, total: int) -> float:
+    """Learning-rate factor falling from 1 to 0.1 along half a cosine over ``total`` steps."""
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * done / total))
 
 
 def _foreground(x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +223,7 @@ def _train_autoencoder(cfg: TrainConfig, vae, stage: int, decoder_only: bool) ->
         x = torch.stack([_to_model_input(c) for c in clips]).to(cfg.device)
         for group in opt.param_groups:
             if decoder_only:
-                group["lr"] = cfg.decoder_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total)))
+                group["lr"] = cfg.decoder_lr * _cosine_to_a_tenth(step, total)
             else:
                 group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 20)
         loss = _reconstruction_loss(cfg, vae, x, step, stage, encoder_grad=not decoder_only)
@@ -348,7 +354,7 @@ def train_transformer(cfg: TrainConfig, pipe, cache: dict) -> torch.nn.Module:
         for group in opt.param_groups:
             group["lr"] = cfg.dit_lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
             if cooling >= 0:  # batch-2 full-size steps at a constant lr leave the weights noisy: decay it
-                group["lr"] = cfg.dit_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * cooling / cfg.cooldown_steps)))
+                group["lr"] = cfg.dit_lr * _cosine_to_a_tenth(cooling, cfg.cooldown_steps)
         loss = flow_matching_loss(transformer, x0, embeds, _torch_gen(cfg, DIT_STAGE, step), shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
