@@ -130,6 +130,11 @@ class TrainConfig:
             raise ValueError(f"crop must fit the latent grid {lat_h} x {lat_w}, got {self.crop!r}")
 
     @property
+    def transformer_steps(self) -> int:
+        """Every transformer step: the main run and its cool-down."""
+        return self.dit_steps + self.cooldown_steps
+
+    @property
     def paths(self) -> dict:
         root = Path(self.workdir).expanduser()
         return {"vae": root / "vae.pt", "decoder": root / "decoder.pt", "latents": root / "latents.pt",
@@ -336,7 +341,7 @@ def train_transformer(cfg: TrainConfig, pipe, cache: dict) -> torch.nn.Module:
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
     step = resume(path, model=transformer, ema=ema, optimizer=opt)
     ema.requires_grad_(False).eval()
-    total = cfg.dit_steps + cfg.cooldown_steps
+    total = cfg.transformer_steps
     if step >= total:
         return ema
     transformer.train().requires_grad_(True)
@@ -396,10 +401,6 @@ def assemble(cfg: TrainConfig, transformer_weights: str = "ema"):
     return pipe
 
 
-def _steps_done(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["step"] if path.is_file() else 0
-
-
 def train(cfg: TrainConfig) -> Path | None:
     """Run (or resume) the stages in ``cfg.stages`` and export the pipeline; returns the export
     directory, or None when no export happened (``stop_at`` ended the transformer early, or another
@@ -410,24 +411,23 @@ def train(cfg: TrainConfig) -> Path | None:
     pipe = model.build(cfg.seed, cfg.transformer_config, cfg.vae_config).to(cfg.device)
     if "vae" in run:
         train_vae(cfg, pipe)
-    elif _steps_done(paths["vae"]) < cfg.vae_steps:
-        raise ValueError(f"stages {list(cfg.stages)} need the vae stage finished ({_steps_done(paths['vae'])} of "
-                         f"{cfg.vae_steps} steps in {paths['vae']}); add 'vae' to --stages")
     else:
-        resume(paths["vae"], model=pipe.vae)
+        done = resume(paths["vae"], model=pipe.vae)
+        if done < cfg.vae_steps:
+            raise ValueError(f"stages {list(cfg.stages)} need the vae stage finished ({done} of {cfg.vae_steps} "
+                             f"steps in {paths['vae']}); add 'vae' to --stages")
     if run & {"latents", "transformer"}:
         cache = cache_latents(cfg, pipe)
     if "decoder" in run:
         train_decoder(cfg, pipe)
     if "transformer" in run and train_transformer(cfg, pipe, cache) is None:
-        log.info("stopped at transformer step %d of %d; run again to resume", cfg.stop_at,
-                 cfg.dit_steps + cfg.cooldown_steps)
+        log.info("stopped at transformer step %d of %d; run again to resume", cfg.stop_at, cfg.transformer_steps)
         return None
     if "export" not in run:
         return None
-    missing = [f"{name} ({_steps_done(paths[name])} of {total} steps)"
-               for name, total in (("decoder", cfg.decoder_steps), ("transformer", cfg.dit_steps + cfg.cooldown_steps))
-               if _steps_done(paths[name]) < total]
+    totals = {"decoder": cfg.decoder_steps, "transformer": cfg.transformer_steps}
+    done = {name: resume(paths[name]) for name in totals}  # no parts given: only the step it reached
+    missing = [f"{name} ({done[name]} of {total} steps)" for name, total in totals.items() if done[name] < total]
     if missing or not paths["latents"].is_file():
         log.info("not exported yet, unfinished: %s", ", ".join(missing) or "latents")
         return None
