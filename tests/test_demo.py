@@ -285,6 +285,33 @@ def test_module_cli_serves_on_loopback_and_stops_on_sigterm(tmp_path):
     assert not list(tmp_path.glob("ditaccel-demo-*"))  # removed on the way out
 
 
+def test_sigterm_while_the_server_starts_is_a_clean_stop(tmp_path, monkeypatch):
+    """The server answers before Gradio starts waiting; a SIGTERM in that gap once exited 130 in CI."""
+    from ditaccel import demo
+
+    closed = []
+
+    class StartingApp:  # SIGTERM lands inside launch(), before Gradio's own wait loop catches it
+        def launch(self, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            raise AssertionError("SIGTERM was not delivered")
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(demo, "build_app", lambda session, initial: StartingApp())
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert demo.main(demo.build_parser().parse_args(["--port", str(free_port())])) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert closed == [True]
+    assert not list(tmp_path.glob("ditaccel-demo-*"))  # the session's files are gone too
+
+
 def test_build_app_rejects_unknown_initial_fields():
     from ditaccel.demo import build_app
     from ditaccel.demo.session import DemoSession

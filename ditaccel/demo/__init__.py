@@ -97,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up runs; a requested stop, so the exit status is 0."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
 
 
 def main(args: argparse.Namespace) -> int:
@@ -113,9 +117,14 @@ def main(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         # ``kill``/``docker stop`` send SIGTERM: stop like Ctrl-C, so Gradio closes the server and the
         # session removes its files.
-        signal.signal(signal.SIGTERM, _interrupt)
-    session = DemoSession(args.device, args.dtype, dense_cache_size=args.dense_cache)
-    launch(args.host, args.port, session=session, model=args.model, initial=initial, block=True)
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        session = DemoSession(args.device, args.dtype, dense_cache_size=args.dense_cache)
+        launch(args.host, args.port, session=session, model=args.model, initial=initial, block=True)
+    except _Terminated:
+        # Gradio swallows an interrupt that lands while it serves; one that lands while the server is
+        # still starting up (after it answers, before Gradio waits) comes here, already cleaned up.
+        pass
     return 0
 
 
