@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 BLOCK_SIZES = (64, 128)
-BACKENDS = ("auto", "triton", "flex", "reference")
+BACKENDS = ("auto", "triton", "grouped", "flex", "reference")
 ORDERS = ("raster", "tile", "hilbert", "transpose")
 KINDS = ("int", "float", "optional_float", "choice", "bool", "axes", "optional_axes", "layers", "steps")
 
@@ -189,7 +189,7 @@ class AttentionConfig:
         (), "layers", help="layers that always run dense: an int N (the first N) or a tuple of indices")
     block_size: int = knob(128, "int", choices=BLOCK_SIZES, help="kernel tile in tokens: the granularity of plans")
     backend: str = knob("auto", "choice", choices=BACKENDS,
-                        help="auto: Triton on CUDA, torch reference elsewhere; or triton, flex, reference")
+                        help="auto: Triton on CUDA, grouped torch SDPA elsewhere; or triton, grouped, flex, reference")
     # --- across denoising steps (ditaccel/caches.py) -------------------------------------------
     residual_refresh: int = knob(
         0, "int", low=0, help="residual cache: every N-th sparse step runs dense and stores dense - sparse; "

@@ -1,5 +1,5 @@
-"""The same plan through every executor gives the same attention: reference, FlexAttention and
-the Triton kernel (in the interpreter) plug into the same call inside a wrapped model."""
+"""The same plan through every executor gives the same attention: reference, grouped, FlexAttention
+and the Triton kernel (in the interpreter) plug into the same call inside a wrapped model."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_backends_agree_inside_a_model(wan64, monkeypatch, method, fields):
     t = torch.tensor([700.0])
     outs = {}
     with torch.no_grad():
-        for backend in ("reference", "flex", "triton"):
+        for backend in ("reference", "grouped", "flex", "triton"):
             if backend == "triton":
                 monkeypatch.setenv("TRITON_INTERPRET", "1")
             with ditaccel.accelerate(wan64, method, block_size=64, backend=backend, **fields) as handle:
@@ -47,10 +47,11 @@ def test_backends_agree_inside_a_model(wan64, monkeypatch, method, fields):
     assert density < 1.0
     assert not torch.allclose(outs["reference"], dense, atol=1e-4)  # the plan really changed attention
     torch.testing.assert_close(outs["flex"], outs["reference"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs["grouped"], outs["reference"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-3, atol=1e-4)
 
 
-def test_auto_backend_on_cpu_uses_reference_without_warning(tiny_wan, recwarn):
+def test_auto_backend_on_cpu_runs_without_warning(tiny_wan, recwarn):
     x, ehs = _inputs()
     with torch.no_grad(), ditaccel.accelerate(tiny_wan, "tile", block_size=64, tile=(1, 8, 8), window=(1, 3, 3)):
         out = tiny_wan(x, torch.tensor([700.0]), ehs, return_dict=False)[0]

@@ -4,11 +4,9 @@ Without a GPU the kernel runs in Triton's interpreter on CPU tensors (TRITON_INT
 test with monkeypatch; the kernel module picks interpreted vs compiled at launch, so it does not
 matter when triton was imported). With a GPU the same tests run on CUDA, plus the ``gpu`` ones.
 
-The property test draws seeded random cases: shapes, head dims, block sizes (square or not),
-tile sizes dividing them, ragged lengths, text prefix/suffix spans, broadcast or per-(b, h) block
-lists, full/partial/empty block patterns (both consistent with the mask and arbitrary), mask_mods
-of several families (windows, causal, lookup tables, per-head, per-batch), input layouts (BHSD,
-a BSHD transpose view, strided slices), fp16 and fp32.
+The property test draws seeded random cases from ``block_mask_cases.py`` (shapes, head dims, block
+sizes, ragged lengths, text spans, broadcast or per-(b, h) lists, full/partial/empty patterns,
+mask_mod families, input layouts, fp16 and fp32).
 """
 
 from __future__ import annotations
@@ -21,13 +19,19 @@ import warnings
 
 import pytest
 import torch
+from block_mask_cases import (
+    DEVICE,
+    check_output,
+    dense_reference,
+    dense_token_mask,
+    random_case,
+)
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ditaccel.kernels import dispatch
 from ditaccel.kernels.reference import block_sparse_attention_reference
 from ditaccel.kernels.triton_attention import _TABLES, triton_block_sparse_attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_CASES = 208
 N_CHUNKS = 8
 
@@ -40,219 +44,6 @@ def _triton_mode(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Case generation
-# ----------------------------------------------------------------------------------------------
-
-
-def _mask_mod_family(rng: random.Random, B, H, Sq, Skv, device):
-    """A random mask_mod written with broadcasting tensor ops, and its description."""
-    kind = rng.choice(["window", "causal", "anticausal", "table", "block_table", "per_head", "per_batch", "all", "none",
-                       "noop"])
-    if kind == "noop":  # BlockMask gets mask_mod=None (FlexAttention's noop_mask): partial blocks unmasked
-        return None, "noop"
-    if kind == "window":
-        w = rng.randint(0, 120)
-        ratio = Skv / Sq  # align the window's centre when lengths differ
-
-        def base(b, h, q, kv):
-            return ((q * ratio).floor() - kv).abs() <= w
-    elif kind == "causal":
-        def base(b, h, q, kv):
-            return q >= kv
-    elif kind == "anticausal":
-        def base(b, h, q, kv):
-            return kv >= q
-    elif kind == "table":
-        g = torch.Generator().manual_seed(rng.randrange(2**31))
-        table = (torch.rand(Sq, Skv, generator=g) < rng.uniform(0.05, 0.95)).to(device)
-
-        def base(b, h, q, kv):  # indexes with the raw indices: the kernel must clamp them
-            return table[q, kv]
-    elif kind == "block_table":
-        gran = rng.choice([16, 32, 48, 64])
-        g = torch.Generator().manual_seed(rng.randrange(2**31))
-        table = (torch.rand(-(-Sq // gran), -(-Skv // gran), generator=g) < 0.5).to(device)
-
-        def base(b, h, q, kv):
-            return table[q // gran, kv // gran]
-    elif kind == "per_head":
-        widths = torch.tensor([rng.randint(0, 100) for _ in range(H)], device=device)
-
-        def base(b, h, q, kv):
-            return (q - kv).abs() <= widths[h]
-    elif kind == "per_batch":
-        lens = torch.tensor([rng.randint(0, Skv) for _ in range(B)], device=device)
-
-        def base(b, h, q, kv):
-            return kv < lens[b]
-    elif kind == "all":
-        def base(b, h, q, kv):
-            return q >= 0
-    else:
-        def base(b, h, q, kv):
-            return q < 0
-
-    text = rng.choice(["none", "prefix", "suffix"])
-    n_text = rng.randint(1, 40) if text != "none" else 0
-
-    def mask_mod(b, h, q, kv):
-        ok = base(b, h, q, kv)
-        if text == "prefix":  # text rows and columns are dense
-            ok = ok | (q < n_text) | (kv < n_text)
-        elif text == "suffix":
-            ok = ok | (q >= Sq - n_text) | (kv >= Skv - n_text)
-        return ok
-
-    return mask_mod, f"{kind}/text={text}:{n_text}"
-
-
-def _dense_token_mask(mask_mod, B, H, Sq, Skv, device):
-    if mask_mod is None:
-        return torch.ones(B, H, Sq, Skv, dtype=torch.bool, device=device)
-    b = torch.arange(B, device=device).view(B, 1, 1, 1)
-    h = torch.arange(H, device=device).view(1, H, 1, 1)
-    q = torch.arange(Sq, device=device).view(1, 1, Sq, 1)
-    kv = torch.arange(Skv, device=device).view(1, 1, 1, Skv)
-    return torch.as_tensor(mask_mod(b, h, q, kv)).expand(B, H, Sq, Skv).to(torch.bool)
-
-
-def _lists_from_states(states: torch.Tensor, want: int, rng: random.Random, gen: torch.Generator):
-    """[Bm, Hm, nq, nk] bool -> (num [Bm, Hm, nq], idx [Bm, Hm, nq, nk]) int32, shuffled, garbage-filled."""
-    Bm, Hm, nq, nk = states.shape
-    num = states.sum(-1).to(torch.int32)
-    idx = torch.randint(0, nk, (Bm, Hm, nq, nk), generator=gen, dtype=torch.int32)  # garbage slots
-    for bm in range(Bm):
-        for hm in range(Hm):
-            for i in range(nq):
-                chosen = torch.nonzero(states[bm, hm, i]).flatten().tolist()
-                rng.shuffle(chosen)  # the kernel must not depend on list order
-                idx[bm, hm, i, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
-    return num, idx
-
-
-def _random_case(seed: int, device=DEVICE):
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    B, H = rng.randint(1, 2), rng.randint(1, 3)
-    D = rng.choice([64, 96, 128])
-    BQ, BK = rng.choice([64, 128]), rng.choice([64, 128])
-    even = rng.random() < 0.15  # mostly ragged lengths; sometimes exact multiples
-
-    def length(bs):
-        if even:
-            return bs * rng.randint(1, max(1, 300 // bs))
-        n = rng.randint(1, 300)
-        return n + 1 if n % bs == 0 else n
-
-    Sq, Skv = length(BQ), length(BK)
-    # The interpreter pays per program and per tile: keep B * H * Sq * Skv moderate.
-    while B * H * Sq * Skv > 2 * 300 * 300 and H > 1:
-        H -= 1
-    dtype = rng.choice([torch.float16, torch.float32])
-    nq, nk = -(-Sq // BQ), -(-Skv // BK)
-
-    mask_mod, desc = _mask_mod_family(rng, B, H, Sq, Skv, device)
-    token = _dense_token_mask(mask_mod, B, H, Sq, Skv, device).cpu()
-    Bm = rng.choice([1, B])
-    Hm = rng.choice([1, H])
-
-    # Block states: 0 empty, 1 partial, 2 full.
-    mode = rng.choice(["consistent", "consistent", "random"])
-    if mode == "consistent":
-        padded = torch.zeros(B, H, nq * BQ, nk * BK, dtype=torch.int8)
-        padded[:, :, :Sq, :Skv] = token.to(torch.int8)
-        care = torch.zeros(nq * BQ, nk * BK, dtype=torch.bool)
-        care[:Sq, :Skv] = True
-        blocks = padded.view(B, H, nq, BQ, nk, BK)
-        care_b = care.view(nq, BQ, nk, BK)
-        any_ = (blocks.bool() & care_b).any(5).any(3)  # [B, H, nq, nk]
-        all_ = (blocks.bool() | ~care_b).all(5).all(3)
-        # Broadcast lists must be right for every (b, h) they stand for.
-        any_ = any_.any(0, keepdim=True) if Bm == 1 else any_
-        any_ = any_.any(1, keepdim=True) if Hm == 1 else any_
-        all_ = all_.all(0, keepdim=True) if Bm == 1 else all_
-        all_ = all_.all(1, keepdim=True) if Hm == 1 else all_
-        states = torch.where(all_ & any_, 2, torch.where(any_, 1, 0))
-        noise = torch.rand(states.shape, generator=gen)
-        states = torch.where((states == 2) & (noise < 0.15), 1, states)  # full -> partial
-        states = torch.where((states == 0) & (noise < 0.1), 1, states)  # empty -> partial (all masked)
-        states = torch.where((states == 1) & (noise > 0.95), 0, states)  # drop a partial block
-    else:
-        r = torch.rand(Bm, Hm, nq, nk, generator=gen)
-        states = torch.where(r < 0.3, 2, torch.where(r < 0.7, 1, 0))
-
-    part_num, part_idx = _lists_from_states(states == 1, nk, rng, gen)
-    no_full_lists = not bool((states == 2).any()) and rng.random() < 0.5
-    if no_full_lists:
-        full_num = full_idx = None
-    else:
-        full_num, full_idx = _lists_from_states(states == 2, nk, rng, gen)
-    block_mask = BlockMask.from_kv_blocks(
-        part_num.to(device), part_idx.to(device),
-        None if full_num is None else full_num.to(device), None if full_idx is None else full_idx.to(device),
-        BLOCK_SIZE=(BQ, BK), mask_mod=mask_mod, seq_lengths=(Sq, Skv),
-    )
-
-    # Effective mask: full blocks, plus partial blocks where mask_mod allows.
-    def expand(s):
-        s = s.expand(B, H, nq, nk)
-        return s.repeat_interleave(BQ, 2).repeat_interleave(BK, 3)[:, :, :Sq, :Skv]
-
-    allowed = expand(states == 2) | (expand(states == 1) & token)
-
-    amp = rng.choice([1.0, 1.0, 3.0])  # sharper softmax now and then
-    q = _relayout((torch.randn(B, H, Sq, D, generator=gen) * amp).to(dtype), rng)
-    k = _relayout(torch.randn(B, H, Skv, D, generator=gen).to(dtype), rng)
-    v = _relayout(torch.randn(B, H, Skv, D, generator=gen).to(dtype), rng)
-    tiles = dict(
-        block_m=rng.choice([BQ, BQ // 2]), block_n=rng.choice([BK, BK // 2]),
-        longest_first=rng.random() < 0.7,
-    )
-    desc = (f"seed={seed} B={B} H={H} Sq={Sq} Skv={Skv} D={D} BS=({BQ},{BK}) {dtype} mask={desc} "
-            f"mode={mode} lists=({Bm},{Hm}) no_full={no_full_lists} tiles={tiles}")
-    return q.to(device), k.to(device), v.to(device), block_mask, allowed.to(device), tiles, desc
-
-
-def _relayout(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    B, H, S, D = x.shape
-    layout = rng.choice(["bhsd", "bshd", "strided"])
-    if layout == "bshd":
-        return x.transpose(1, 2).contiguous().transpose(1, 2)
-    if layout == "strided":
-        big = torch.zeros(B, H, S, 2 * D, dtype=x.dtype)
-        big[..., ::2] = x
-        return big[..., ::2]
-    return x.contiguous()
-
-
-def _dense_reference(q, k, v, allowed, scale=None):
-    """float64 softmax attention under a dense boolean mask; rows with nothing allowed -> 0."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    row_any = allowed.any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~row_any, 0.0), dim=-1) * row_any
-    return torch.einsum("bhqk,bhkd->bhqd", p, v.double())
-
-
-TOL = {torch.float16: 2e-3, torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
-
-
-def _check(out, ref, allowed, dtype, desc):
-    assert not torch.isnan(out).any(), f"NaN or unwritten (poisoned) elements: {desc}"
-    assert torch.isfinite(out).all(), f"non-finite output: {desc}"
-    # Rows with no allowed key are exactly zero.
-    empty = ~allowed.any(-1)
-    if empty.any():
-        assert (out[empty] == 0).all(), f"rows with no allowed key are not zero: {desc}"
-    err = (out.double() - ref).norm() / ref.norm().clamp_min(1e-12)
-    tol = TOL[dtype]
-    assert err <= tol, f"relative error {err:.2e} > {tol}: {desc}"
-    max_err = (out.double() - ref).abs().max()
-    assert max_err <= 10 * tol * ref.abs().max().clamp_min(1.0), f"max abs error {max_err:.2e}: {desc}"
-
-
-# ----------------------------------------------------------------------------------------------
 # Tests
 # ----------------------------------------------------------------------------------------------
 
@@ -262,12 +53,12 @@ def test_random_cases_match_dense_float64(chunk):
     """>= 200 seeded random cases (N_CASES over N_CHUNKS tests); output poisoned with NaN first."""
     per = N_CASES // N_CHUNKS
     for i in range(chunk * per, (chunk + 1) * per):
-        q, k, v, block_mask, allowed, tiles, desc = _random_case(1000 + i)
+        q, k, v, block_mask, allowed, tiles, desc = random_case(1000 + i)
         B, H, Sq, D = q.shape
         out = torch.full((B, H, Sq, D), float("nan"), dtype=q.dtype, device=q.device)
         result = triton_block_sparse_attention(q, k, v, block_mask, out=out, **tiles)
         assert result is out
-        _check(out, _dense_reference(q, k, v, allowed), allowed, q.dtype, desc)
+        check_output(out, dense_reference(q, k, v, allowed), allowed, q.dtype, desc)
 
 
 def test_case_generator_covers_the_space():
@@ -275,7 +66,7 @@ def test_case_generator_covers_the_space():
     seen = {"ragged_q": 0, "even_kv": 0, "bshd": 0, "partial_empty_rows": 0, "sub_rows": 0, "sub_cols": 0,
             "d96": 0, "nonsquare_bs": 0, "broadcast": 0, "per_head": 0, "fp16": 0, "fp32": 0}
     for i in range(N_CASES):
-        q, k, v, bm, allowed, tiles, desc = _random_case(1000 + i, device="cpu")
+        q, k, v, bm, allowed, tiles, desc = random_case(1000 + i, device="cpu")
         BQ, BK = bm.BLOCK_SIZE
         seen["ragged_q"] += q.shape[2] % BQ != 0
         seen["even_kv"] += k.shape[2] % BK == 0
@@ -310,8 +101,8 @@ def test_transposed_bshd_view_needs_no_copy_and_output_follows_layout():
     # The result is a [B, S, H, D] buffer seen as [B, H, S, D], like q.
     assert out.shape == (B, H, S, D)
     assert out.transpose(1, 2).is_contiguous()
-    allowed = _dense_token_mask(mask_mod, B, H, S, S, DEVICE)
-    _check(out, _dense_reference(q, k, v, allowed), allowed, q.dtype, "bshd view")
+    allowed = dense_token_mask(mask_mod, B, H, S, S, DEVICE)
+    check_output(out, dense_reference(q, k, v, allowed), allowed, q.dtype, "bshd view")
     # Same numbers as from contiguous copies.
     out_c = triton_block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), bm)
     torch.testing.assert_close(out, out_c, rtol=0, atol=0)
@@ -362,8 +153,8 @@ def test_mask_mod_reading_batch_and_head_with_broadcast_lists():
     bm = BlockMask.from_kv_blocks(part_num.to(DEVICE), part_idx.to(DEVICE), BLOCK_SIZE=64, mask_mod=mask_mod,
                                   seq_lengths=(S, S))
     out = triton_block_sparse_attention(q, k, v, bm)
-    allowed = _dense_token_mask(mask_mod, B, H, S, S, DEVICE)
-    _check(out, _dense_reference(q, k, v, allowed), allowed, q.dtype, "b/h-dependent mask_mod")
+    allowed = dense_token_mask(mask_mod, B, H, S, S, DEVICE)
+    check_output(out, dense_reference(q, k, v, allowed), allowed, q.dtype, "b/h-dependent mask_mod")
 
 
 def test_tables_are_cached_per_block_mask():
@@ -399,10 +190,10 @@ def test_explicit_scale_and_longest_first_off_agree():
     bm = create_block_mask(mask_mod, 1, 1, 190, 190, device=DEVICE, BLOCK_SIZE=(128, 64))
     a = triton_block_sparse_attention(q, k, v, bm, 0.3, longest_first=True)
     b = triton_block_sparse_attention(q, k, v, bm, 0.3, longest_first=False, block_m=64, block_n=32)
-    allowed = _dense_token_mask(mask_mod, 1, 2, 190, 190, DEVICE)
-    ref = _dense_reference(q, k, v, allowed, scale=0.3)
-    _check(a, ref, allowed, q.dtype, "scale 0.3")
-    _check(b, ref, allowed, q.dtype, "scale 0.3, no reordering, sub-tiles")
+    allowed = dense_token_mask(mask_mod, 1, 2, 190, 190, DEVICE)
+    ref = dense_reference(q, k, v, allowed, scale=0.3)
+    check_output(a, ref, allowed, q.dtype, "scale 0.3")
+    check_output(b, ref, allowed, q.dtype, "scale 0.3, no reordering, sub-tiles")
 
 
 @pytest.mark.parametrize("seed", [7, 8, 9])
@@ -523,7 +314,7 @@ def test_bf16_in_interpreter_is_computed_correctly():
     q, k, v = _small(dtype=torch.bfloat16, S=130)
     bm = _mask(S=130)
     allowed = torch.ones(1, 2, 130, 130, dtype=torch.bool, device=DEVICE)
-    _check(triton_block_sparse_attention(q, k, v, bm), _dense_reference(q, k, v, allowed), allowed,
+    check_output(triton_block_sparse_attention(q, k, v, bm), dense_reference(q, k, v, allowed), allowed,
            torch.bfloat16, "bf16")
 
 
@@ -563,8 +354,8 @@ def test_gpu_autotuned_bf16_matches_dense(D, bs):
 
     bm = create_block_mask(mask_mod, 1, 1, S, S, device="cuda", BLOCK_SIZE=bs)
     out = triton_block_sparse_attention(q, k, v, bm)  # autotuned path
-    allowed = _dense_token_mask(mask_mod, B, H, S, S, "cuda")
-    _check(out, _dense_reference(q, k, v, allowed), allowed, torch.bfloat16, f"gpu D={D} bs={bs}")
+    allowed = dense_token_mask(mask_mod, B, H, S, S, "cuda")
+    check_output(out, dense_reference(q, k, v, allowed), allowed, torch.bfloat16, f"gpu D={D} bs={bs}")
 
 
 @pytest.mark.parametrize("head_dim_pad", [64, 128])
@@ -617,10 +408,10 @@ H100_SHARED_BYTES = 232448
 
 def _compile_for_sm90(kernel, types: dict, constexprs: dict, num_warps=4, num_stages=2):
     """Compile ``kernel`` ahead of time for an H100 (sm_90) with Triton's bundled ptxas: no GPU needed."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import triton
     from ditaccel.kernels.triton_attention import _compiled, _python_fn
 
     fn = _compiled(_python_fn(kernel))
@@ -684,7 +475,7 @@ def test_noop_mask_block_masks_need_no_bitmap(monkeypatch):
     out = triton_block_sparse_attention(q, k, v, bm)
     blocks = torch.tensor([[1, 0, 0], [1, 0, 1], [0, 0, 1]], dtype=torch.bool, device=DEVICE)
     allowed = blocks.repeat_interleave(64, 0).repeat_interleave(64, 1)[:150, :150].expand(1, 2, 150, 150)
-    _check(out, _dense_reference(q, k, v, allowed), allowed, q.dtype, "noop mask")
+    check_output(out, dense_reference(q, k, v, allowed), allowed, q.dtype, "noop mask")
 
 
 def test_longest_rows_are_launched_first():

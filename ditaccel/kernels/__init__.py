@@ -1,11 +1,13 @@
 """Kernels that execute plans, each with a torch reference twin.
 
 ``run_plan`` picks the executor named by a config's ``backend``:
-- ``"auto"``: the Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``), the torch
-  reference elsewhere (see ``dispatch.block_sparse_attention`` for the documented fallback);
+- ``"auto"``: the Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``), the grouped
+  torch executor elsewhere (see ``dispatch.block_sparse_attention`` for the documented fallback);
 - ``"triton"``: the Triton kernel, wherever it can run;
+- ``"grouped"``: torch SDPA per group of query blocks keeping as many key blocks (``grouped.py``):
+  the fast executor off CUDA;
 - ``"flex"``: PyTorch FlexAttention on the very same BlockMask (compiled on CUDA);
-- ``"reference"``: the chunked torch reference.
+- ``"reference"``: the chunked torch reference (the twin the others are checked against).
 All take q, k, v as [B, H, S, D] (any strides) and return [B, H, S, D].
 """
 
@@ -16,6 +18,7 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .grouped import grouped_block_sparse_attention
 from .reference import block_sparse_attention_reference
 
 
@@ -53,8 +56,10 @@ def block_sparse_attention(q, k, v, block_mask: BlockMask, scale=None):
 
 
 def run_plan(backend: str, q, k, v, block_mask: BlockMask, scale=None):
-    if backend == "reference" or (backend == "auto" and not q.is_cuda and not _interpreting()):
+    if backend == "reference":
         return block_sparse_attention_reference(q, k, v, block_mask, scale)
+    if backend == "grouped" or (backend == "auto" and not q.is_cuda and not _interpreting()):
+        return grouped_block_sparse_attention(q, k, v, block_mask, scale)
     if backend == "flex":
         return flex_block_sparse_attention(q, k, v, block_mask, scale)
     if backend == "triton":
@@ -73,5 +78,6 @@ def _interpreting() -> bool:
 
 
 __all__ = [
-    "block_sparse_attention", "block_sparse_attention_reference", "flex_block_sparse_attention", "run_plan",
+    "block_sparse_attention", "block_sparse_attention_reference", "flex_block_sparse_attention",
+    "grouped_block_sparse_attention", "run_plan",
 ]

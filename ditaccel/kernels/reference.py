@@ -1,8 +1,9 @@
 """Torch reference for block-sparse attention on a FlexAttention ``BlockMask``.
 
 This is the twin of the Triton kernel: same signature, same semantics, plain torch ops. It runs on
-any device, and it is what CPU pipelines use. Memory stays bounded at 100k tokens because query
-blocks are processed in chunks and only the key blocks each chunk needs are gathered.
+any device; it is what the other executors are checked against (CPU pipelines run the faster
+``grouped.py``). Memory stays bounded at 100k tokens because query blocks are processed in chunks
+and only the key blocks each chunk needs are gathered.
 
 Semantics (those of ``flex_attention``):
 - ``full_kv_*`` blocks are attended without evaluating ``mask_mod``;
@@ -26,6 +27,20 @@ _CHUNK_BUDGET_BYTES = 256 * 2**20
 def block_sizes(block_mask: BlockMask) -> tuple[int, int]:
     bs = block_mask.BLOCK_SIZE
     return (int(bs), int(bs)) if isinstance(bs, int) else (int(bs[0]), int(bs[1]))
+
+
+def mask_mod_varies(mask_mod, B: int, H: int, device) -> tuple[bool, bool]:
+    """Does ``mask_mod`` depend on b / h? Probe its output shape with broadcast index tensors.
+
+    ``mask_mod`` is written with broadcasting tensor ops, so when it ignores ``b`` its result has
+    size 1 along ``b``'s axis; then one bitmap serves every batch (likewise for heads).
+    """
+    b = torch.arange(B, device=device).view(B, 1, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, H, 1, 1, 1)
+    zero = torch.zeros(1, 1, 1, 1, 1, dtype=torch.long, device=device)
+    out = torch.as_tensor(mask_mod(b, h, zero, zero))
+    shape = (1,) * (5 - out.dim()) + tuple(out.shape)
+    return shape[0] > 1, shape[1] > 1
 
 
 def _masked_chunks(q, k, v, block_mask: BlockMask, compute_dtype):

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.nn.attention.flex_attention import BlockMask, noop_mask
-from .reference import block_sizes
+from .reference import block_sizes, mask_mod_varies
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (64, 96, 128)
@@ -294,20 +294,6 @@ def _pack_bits(ok: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.int32)
 
 
-def _mask_mod_varies(mask_mod, B: int, H: int, device) -> tuple[bool, bool]:
-    """Does ``mask_mod`` depend on b / h? Probe its output shape with broadcast index tensors.
-
-    ``mask_mod`` is written with broadcasting tensor ops, so when it ignores ``b`` its result has
-    size 1 along ``b``'s axis; then one bitmap serves every batch (likewise for heads).
-    """
-    b = torch.arange(B, device=device).view(B, 1, 1, 1, 1)
-    h = torch.arange(H, device=device).view(1, H, 1, 1, 1)
-    zero = torch.zeros(1, 1, 1, 1, 1, dtype=torch.long, device=device)
-    out = torch.as_tensor(mask_mod(b, h, zero, zero))
-    shape = (1,) * (5 - out.dim()) + tuple(out.shape)
-    return shape[0] > 1, shape[1] > 1
-
-
 def _partial_bitmaps(mask_mod, part_num, part_idx, BQ, BK, B, H, Sq, Skv, device):
     """Evaluate ``mask_mod`` on every partial block once; returns (bits, first entry per row)."""
     mask_b, mask_h, nq = part_num.shape
@@ -325,7 +311,7 @@ def _partial_bitmaps(mask_mod, part_num, part_idx, BQ, BK, B, H, Sq, Skv, device
 
     # A mask list shared by all batches (heads) still gets per-batch (per-head) bits when
     # mask_mod reads b (h): FlexAttention evaluates mask_mod with the real indices.
-    vary_b, vary_h = _mask_mod_varies(mask_mod, B, H, device)
+    vary_b, vary_h = mask_mod_varies(mask_mod, B, H, device)
     bits_b = B if (mask_b == 1 and vary_b) else 1
     bits_h = H if (mask_h == 1 and vary_h) else 1
     bits = torch.empty(bits_b, bits_h, n_entries, BQ, words, dtype=torch.int32, device=device)

@@ -1,0 +1,207 @@
+"""Block-sparse attention in plain torch that is fast off CUDA: query blocks grouped by how many key
+blocks they keep, one SDPA call per group.
+
+The torch reference (``reference.py``) pads every query block to the widest row's key list and
+evaluates ``mask_mod`` token by token on every call; its cost is the widest row's, plus the mask.
+This executor is what ``backend="auto"`` runs on CPU. Per BlockMask (cached with weak keys, like the
+Triton kernel's tables) it works out once:
+
+- every row's key blocks (a row is a query block, or a (batch, head, query block) when the block
+  lists or ``mask_mod`` differ across batches or heads): full blocks, then partial ones;
+- groups of rows that keep the same number of key blocks, split into rows that need no token mask
+  (only full blocks, and no key block running past the end of k) and rows that do;
+- the token mask of the masked rows, evaluated once and kept as booleans.
+
+Per call each group is one ``scaled_dot_product_attention`` over its rows' gathered key blocks, so
+the work follows the plan's density with no padding to the widest row, and the common case, a
+full block, runs with no mask at all. Rows that keep every key block with no mask attend to k
+itself (no gather): a fully dense plan costs one SDPA. Semantics are FlexAttention's, as in the
+reference; rows with no allowed key return zeros.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+from .reference import _check_rank, _compute_dtype, block_sizes, mask_mod_varies
+
+# Bytes of gathered keys and values (or of token mask) one SDPA call may hold.
+_GATHER_BUDGET_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Rows keeping ``count`` key blocks. Indices address the block-flat views of the call (see
+    :func:`grouped_block_sparse_attention`): query rows of [G, rows, BQ * D], key rows of [G, rows, BK * D]."""
+
+    count: int
+    keys: int  # keys each row attends over: count * BK, less the ragged last block's missing keys
+    rows: torch.Tensor  # [n] long: the rows' query blocks
+    kv_rows: torch.Tensor | None  # [n * count] long: their key blocks; None: every key, attend to k as it is
+    mask: torch.Tensor | None  # [n, BQ, keys] additive, 0 or -inf, in the compute dtype (None: no mask)
+    row_any: torch.Tensor | None  # [n, BQ, 1] bool: query rows with an allowed key (None: every row)
+
+
+@dataclass(frozen=True)
+class _Groups:
+    shared: bool  # rows stand for every (batch, head): SDPA's batch is B * H, else 1 and rows are per (b, h)
+    groups: tuple[_Group, ...]
+
+
+# BlockMask -> {(device, B, H, Sq, Skv): _Groups}. Weak keys: groups die with the mask.
+_GROUPS: "weakref.WeakKeyDictionary[BlockMask, dict]" = weakref.WeakKeyDictionary()
+
+
+def _row_lists(block_mask: BlockMask, nq: int, B: int, H: int, shared: bool, device):
+    """(key blocks [R, nq, M], is_partial [R, nq, M], count [R, nq]) with valid slots first; R rows of
+    (b, h) (1 in shared mode, else B * H)."""
+    lists = []
+    for num, idx, partial in ((block_mask.full_kv_num_blocks, block_mask.full_kv_indices, False),
+                              (block_mask.kv_num_blocks, block_mask.kv_indices, True)):
+        if num is None:
+            continue
+        num, idx = num[:, :, :nq].to(device).long(), idx[:, :, :nq].to(device).long()
+        if not shared:
+            num, idx = num.expand(B, H, nq), idx.expand(B, H, *idx.shape[2:])
+        valid = torch.arange(idx.shape[-1], device=device) < num[..., None]
+        lists.append((idx.flatten(0, 1), torch.full_like(valid, partial).flatten(0, 1), valid.flatten(0, 1)))
+    blocks = torch.cat([x[0] for x in lists], -1)
+    partial = torch.cat([x[1] for x in lists], -1)
+    valid = torch.cat([x[2] for x in lists], -1)
+    # Valid slots first (full before partial, each in list order): the first `count` slots are a row's.
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    return blocks.gather(-1, order), partial.gather(-1, order), valid.sum(-1)
+
+
+def _group_rows(block_mask: BlockMask, B: int, H: int, Sq: int, Skv: int, device, dtype) -> _Groups:
+    BQ, BK = block_sizes(block_mask)
+    nq, nk = -(-Sq // BQ), -(-Skv // BK)
+    lists_b = max(t.shape[0] for t in (block_mask.kv_num_blocks, block_mask.full_kv_num_blocks) if t is not None)
+    lists_h = max(t.shape[1] for t in (block_mask.kv_num_blocks, block_mask.full_kv_num_blocks) if t is not None)
+    vary_b, vary_h = mask_mod_varies(block_mask.mask_mod, B, H, device)
+    shared = lists_b == 1 and lists_h == 1 and not vary_b and not vary_h
+    blocks, partial, count = _row_lists(block_mask, nq, B, H, shared, device)
+    R = blocks.shape[0]
+    row_bh = torch.arange(R, device=device)
+    rows_b, rows_h = (torch.zeros_like(row_bh),) * 2 if shared else (row_bh // H, row_bh % H)
+
+    # The ragged last key block (if any) goes to the end of its row: its missing keys are then the
+    # last slots of the gathered keys, cut off by length instead of masked.
+    slot = torch.arange(blocks.shape[-1], device=device)
+    in_row = slot < count[..., None]
+    tail = nk * BK - Skv
+    has_tail = torch.zeros_like(count, dtype=torch.bool)
+    if tail:
+        is_last = (blocks == nk - 1) & in_row
+        has_tail = is_last.any(-1)
+        order = torch.argsort(is_last.to(torch.int8) + 2 * (~in_row).to(torch.int8), dim=-1, stable=True)
+        blocks, partial = blocks.gather(-1, order), partial.gather(-1, order)
+    needs_mask = (partial & in_row).any(-1)  # [R, nq]: a row needs a token mask for partial blocks only
+
+    groups = []
+    keys = torch.stack([count, needs_mask.long(), has_tail.long()], -1).flatten(0, 1)
+    for c, m, t in torch.unique(keys, dim=0).tolist():
+        if c == 0:
+            continue  # rows keeping nothing stay zero
+        r, qb = torch.nonzero((count == c) & (needs_mask == bool(m)) & (has_tail == bool(t)), as_tuple=True)
+        kv = blocks[r, qb, :c]
+        b, h = rows_b[r], rows_h[r]
+        # Block-flat row indices: per query block when shared, else per (b, h, query block).
+        rows = qb if shared else (b * H + h) * nq + qb
+        kv_rows = (kv if shared else ((b * H + h) * nk)[:, None] + kv).flatten()
+        keys_kept = c * BK - (tail if t else 0)
+        if not m and c == nk and shared:
+            groups.append(_Group(c, keys_kept, rows, None, None, None))  # every key, unmasked: k as is
+            continue
+        if not m:
+            groups.append(_Group(c, keys_kept, rows, kv_rows, None, None))
+            continue
+        # Token mask of each row: keys in k, and mask_mod inside partial blocks. Evaluated in
+        # chunks of rows on the BlockMask's device (its mask_mod's closures live there).
+        mask_device = block_mask.kv_num_blocks.device
+        masks = []
+        rows_per_chunk = max(1, _GATHER_BUDGET_BYTES // (BQ * c * BK * 8))
+        for s in range(0, len(r), rows_per_chunk):
+            sl = slice(s, s + rows_per_chunk)
+            kv_tok = (kv[sl, :, None] * BK + torch.arange(BK, device=device)).flatten(1)  # [n, c*BK]
+            part_tok = partial[r[sl], qb[sl], :c].repeat_interleave(BK, -1)
+            q_tok = qb[sl, None] * BQ + torch.arange(BQ, device=device)  # [n, BQ]
+            ok = torch.as_tensor(block_mask.mask_mod(
+                b[sl, None, None].to(mask_device), h[sl, None, None].to(mask_device),
+                q_tok.clamp(max=Sq - 1)[:, :, None].to(mask_device),
+                kv_tok.clamp(max=Skv - 1)[:, None, :].to(mask_device),
+            ), device=mask_device).to(device)
+            ok = ~part_tok[:, None, :] | ok  # full blocks: no mask_mod
+            masks.append(ok.expand(len(kv_tok), BQ, c * BK)[:, :, :keys_kept])
+        mask = torch.cat(masks)
+        row_any = mask.any(-1, keepdim=True)
+        # Additive form (0 / -inf), made once: SDPA converts a boolean mask on every call.
+        bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+        groups.append(_Group(c, keys_kept, rows, kv_rows, bias, None if bool(row_any.all()) else row_any))
+    return _Groups(shared, tuple(groups))
+
+
+def _groups(block_mask: BlockMask, B: int, H: int, Sq: int, Skv: int, device, dtype) -> _Groups:
+    per_mask = _GROUPS.setdefault(block_mask, {})
+    key = (str(device), B, H, Sq, Skv, dtype)
+    if key not in per_mask:
+        per_mask[key] = _group_rows(block_mask, B, H, Sq, Skv, device, dtype)
+    return per_mask[key]
+
+
+def _pad_to(x: torch.Tensor, blocks: int, size: int) -> torch.Tensor:
+    extra = blocks * size - x.shape[2]
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+def grouped_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
+                                   scale: float | None = None) -> torch.Tensor:
+    """Attention of ``q, k, v`` ([B, H, S, D]) restricted to ``block_mask``; returns [B, H, Sq, Dv]."""
+    _check_rank(q, k, v)
+    B, H, Sq, D = q.shape
+    Skv, Dv = k.shape[2], v.shape[-1]
+    BQ, BK = block_sizes(block_mask)
+    nq, nk = -(-Sq // BQ), -(-Skv // BK)
+    scale = D**-0.5 if scale is None else float(scale)
+    dtype = _compute_dtype(q)
+    plan = _groups(block_mask, B, H, Sq, Skv, q.device, dtype)
+    qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+    # Block-flat views: one row per (batch, head, block), grouped as [G, rows, block].
+    G = B * H if plan.shared else 1
+    qf = _pad_to(qc, nq, BQ).contiguous().view(G, -1, BQ * D)
+    kf = _pad_to(kc, nk, BK).contiguous().view(G, -1, BK * D)
+    vf = _pad_to(vc, nk, BK).contiguous().view(G, -1, BK * Dv)
+    out = torch.zeros(G, qf.shape[1], BQ * Dv, dtype=dtype, device=q.device)
+
+    for g in plan.groups:
+        # Rows per SDPA call: the gathered keys and values stay under the budget.
+        step = max(1, _GATHER_BUDGET_BYTES // (G * g.count * BK * (D + Dv) * qc.element_size()))
+        for s in range(0, len(g.rows), step):
+            rows = g.rows[s : s + step]
+            n = len(rows)
+            qs = qf.index_select(1, rows).view(G, n, BQ, D)
+            if g.kv_rows is None:
+                # Every key block, no mask: the rows attend to k as it is (a dense plan is one SDPA).
+                o = F.scaled_dot_product_attention(qs.view(B, H, n * BQ, D), kc, vc, scale=scale)
+                out.index_copy_(1, rows, o.reshape(G, n, BQ * Dv))
+                continue
+            # Rows are SDPA's heads and (batch, head) pairs its batch, so the rows' masks broadcast
+            # over batch and head without a copy.
+            kv_rows = g.kv_rows[s * g.count : (s + n) * g.count]
+            ks = kf.index_select(1, kv_rows).view(G, n, g.count * BK, D)[:, :, : g.keys]
+            vs = vf.index_select(1, kv_rows).view(G, n, g.count * BK, Dv)[:, :, : g.keys]
+            mask = None if g.mask is None else g.mask[s : s + n][None]  # [1, n, BQ, keys]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+            if g.row_any is not None:
+                # Rows with nothing allowed: SDPA gives NaN there, FlexAttention gives zeros.
+                o = torch.where(g.row_any[s : s + n][None], o, 0.0)
+            out.index_copy_(1, rows, o.reshape(G, n, BQ * Dv))
+    return out.view(B, H, nq * BQ, Dv)[:, :, :Sq].to(q.dtype)
+
+
+__all__ = ["grouped_block_sparse_attention"]
