@@ -1,6 +1,6 @@
 """ditaccel: sparse, windowed and cached attention for diffusers DiT pipelines, measured against dense.
 
-    handle = ditaccel.accelerate(pipe)                 # the family's preset
+    handle = ditaccel.accelerate(pipe)                 # the preset (the family's; the embedded pipeline has its own)
     handle = ditaccel.accelerate(pipe, "tile", window=(3, 3, 3), dense_steps=2)
     handle = ditaccel.accelerate(pipe, "topk", cdf=0.9, order="hilbert", refresh=5, dense_steps=10)
     handle.stats(); handle.remove()

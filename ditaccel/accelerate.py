@@ -26,10 +26,11 @@ from .state import StateStore
 _MISSING = object()
 
 
-def resolve_config(adapter: ModelAdapter, method, overrides: dict[str, Any]) -> AttentionConfig:
-    """``method`` (None, a name or a config) + field overrides -> a validated config."""
+def resolve_config(adapter: ModelAdapter, method, overrides: dict[str, Any], target=None) -> AttentionConfig:
+    """``method`` (None, a name or a config) + field overrides -> a validated config. None means
+    the preset: for ``target`` (the pipeline or transformer) when given, else the family's."""
     if method is None:
-        config = adapter.preset()
+        config = adapter.preset() if target is None else adapter.preset_for(target)
     elif isinstance(method, AttentionConfig):
         config = method
     else:
@@ -130,11 +131,11 @@ def _snapshot_module(module: torch.nn.Module):
 def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -> AccelerationHandle:
     """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
 
-    ``method``: None (the family's preset), a method name (``ditaccel.METHODS``) or a config
+    ``method``: None (the preset: the family's, or the embedded pipeline's own), a method name (``ditaccel.METHODS``) or a config
     instance; ``overrides`` are that config's fields, e.g. ``window=(3, 3, 3), dense_steps=2``.
     """
     adapter = find_adapter(pipe)
-    config = resolve_config(adapter, method, overrides)
+    config = resolve_config(adapter, method, overrides, pipe)
     transformers = adapter.transformers(pipe)
     if not transformers:
         raise ValueError(f"{type(pipe).__name__} has no transformer to accelerate (looked for {adapter.pipeline_attrs})")

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "timings, speedup, density, PSNR/SSIM/LPIPS and latent rel-L2; write both "
                                    "outputs, a side-by-side and a JSON of every figure.")
     p.add_argument("--model", help="local pipeline directory or hub id (default: the embedded Wan pipeline)")
-    p.add_argument("--method", help="attention method name (default: the model family's preset)")
+    p.add_argument("--method", help="attention method name (default: the preset: the model family's, or the embedded pipeline's own)")
     p.add_argument("--set", dest="sets", action="append", metavar="FIELD=VALUE", default=[],
                    help="config field override, repeatable, e.g. --set window=(3,3,3) --set dense_steps=1")
     p.add_argument("--prompt", help="prompt (default: the embedded pipeline's DEFAULT_PROMPT)")

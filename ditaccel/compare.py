@@ -114,7 +114,7 @@ def check_config(pipe, method, overrides: dict):
         from .pipelines import find_adapter
     except ImportError:
         return None
-    return resolve_config(find_adapter(pipe), method, overrides)
+    return resolve_config(find_adapter(pipe), method, overrides, pipe)
 
 
 # --- one timed call ------------------------------------------------------------------------------

@@ -95,3 +95,24 @@ def test_save_and_load_offline(pipe, tmp_path, monkeypatch):
     ref, got = latents(pipe), latents(loaded)
     # Same weights; only memory alignment of the loaded tensors can change float rounding.
     assert torch.allclose(got, ref, rtol=0, atol=1e-4)
+
+
+def test_the_embedded_pipeline_has_its_own_preset_and_other_wans_keep_the_family_one(pipe):
+    import ditaccel
+    from ditaccel.methods.base import CallShape
+    from ditaccel.pipelines.wan import WanAdapter
+
+    family = WanAdapter().preset()
+    # Why it needs one: at its default grid the family preset's tile window covers every block.
+    grid = CallShape((5, 18, 24), 0, "none")
+    assert ditaccel.methods.make_method(family).plan(grid, torch.device("cpu")).density == 1.0
+    for target in (pipe, pipe.transformer):
+        with ditaccel.accelerate(target) as handle:
+            assert handle.config == embedded.PRESET
+    other = embedded.build()
+    other.transformer = type(pipe.transformer)(**{**embedded.TRANSFORMER_CONFIG, "num_layers": 2})
+    assert not embedded.is_embedded_transformer(other.transformer)
+    with ditaccel.accelerate(other) as handle:
+        assert handle.config == family
+    with ditaccel.accelerate(pipe, "tile") as handle:  # a named method is not replaced
+        assert handle.config.method == "tile"

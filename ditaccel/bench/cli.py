@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", dest="models", action="append", metavar="M",
                    help="'embedded' (the default), a local pipeline directory or a hub id; repeatable")
     p.add_argument("--method", dest="methods", action="append", metavar="NAME",
-                   help="a method name, 'preset' (the family preset) or 'all' (every method); repeatable")
+                   help="a method name, 'preset' (the model's preset) or 'all' (every method); repeatable")
     p.add_argument("--size", dest="sizes", action="append", metavar="HxW[xF]",
                    help="resolution and frames, e.g. 256x256x9; repeatable (steps from --steps)")
     p.add_argument("--steps", type=int, help="denoising steps for every size (default: the matrix's)")

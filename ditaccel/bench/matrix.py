@@ -5,7 +5,7 @@ A matrix file holds any of these keys (every one optional; flags override them):
     models:  [embedded]              # "embedded" = the embedded default pipeline, else a path or hub id
     methods: all                     # "all" = every name in ditaccel.METHODS at run time, each with the
                                      # family's defaults (accelerate(pipe, name)); or a list of names,
-                                     # "preset" (the family preset), or {name, set: {field: value}, label}
+                                     # "preset" (the model's preset), or {name, set: {field: value}, label}
     sizes:   [{height: 256, width: 256, frames: 9, steps: 4}]   # or "256x256x9" (HxWxF) / "256x256"
     seeds:   [0, 1]
     device: cpu                      # null = cuda if available, else cpu
@@ -73,7 +73,7 @@ class MethodSpec:
 
     @property
     def method(self) -> str | None:
-        """What ``ditaccel.accelerate`` takes: None for the family preset."""
+        """What ``ditaccel.accelerate`` takes: None for the model's preset."""
         return None if self.name == PRESET else self.name
 
     def to_dict(self) -> dict:

@@ -32,7 +32,7 @@ INITIAL = dict(model=EMBEDDED, prompt=DEFAULT_PROMPT, seed=0, steps=DEFAULTS["nu
 
 
 def _method_choices(methods) -> list[tuple[str, str]]:
-    return [("preset (the model family's default)", PRESET)] + [(m, m) for m in methods]
+    return [("preset (this model's default)", PRESET)] + [(m, m) for m in methods]
 
 
 def _fmt(x, spec: str) -> str:
@@ -219,7 +219,7 @@ def _add_knob(gr, knob: widgets.Knob, config, into: dict) -> None:
 
 def _preset_text(config) -> str:
     cfg = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k != "method" and v not in ((), None))
-    return f"The family preset runs **{config.method}** with {cfg}."
+    return f"The preset runs **{config.method}** with {cfg}."
 
 
 def generate_from_values(session: DemoSession, values: dict, knobs: dict[str, list[widgets.Knob]],

@@ -38,7 +38,7 @@ from ..compare import (
 )
 
 EMBEDDED = "embedded"
-PRESET = "preset"  # the method choice that means "the model family's preset config"
+PRESET = "preset"  # the method choice that means "preset config (the family's, or the embedded pipeline's)"
 MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_FRAMES = 1024
@@ -153,14 +153,14 @@ class DemoSession:
 
     def family_configs(self, model: str | None, methods) -> tuple[str, dict]:
         """(family name, {method: config}) — the configs ``accelerate(pipe, method)`` would use, with
-        the family's tuned defaults; and under :data:`PRESET`, the family preset."""
+        the family's tuned defaults; and under :data:`PRESET`, the preset for this pipeline."""
         from ..accelerate import resolve_config
         from ..pipelines import find_adapter
 
         pipe, _ = self.pipeline(model)
         adapter = find_adapter(pipe)
         configs = {m: resolve_config(adapter, m, {}) for m in methods}
-        configs[PRESET] = resolve_config(adapter, None, {})
+        configs[PRESET] = resolve_config(adapter, None, {}, pipe)
         return adapter.family, configs
 
     def free_memory(self) -> None:
@@ -170,7 +170,7 @@ class DemoSession:
     # --- one generation --------------------------------------------------------------------------
     def generate(self, request: GenerateRequest, method: str | None, overrides: dict | None = None,
                  progress: Progress | None = None) -> DemoResult:
-        """Dense (cached) and accelerated runs of ``request``; ``method`` None or "preset": family preset."""
+        """Dense (cached) and accelerated runs of ``request``; ``method`` None or "preset": the preset."""
         import ditaccel
 
         from ..accelerate import resolve_config
@@ -184,7 +184,7 @@ class DemoSession:
             pipe, defaults = self.pipeline(request.model)
             kwargs = call_arguments(pipe, defaults, request.prompt, steps=request.steps, height=request.height,
                                     width=request.width, frames=request.frames)
-            config = resolve_config(find_adapter(pipe), method, dict(overrides or {}))
+            config = resolve_config(find_adapter(pipe), method, dict(overrides or {}), pipe)
 
             key = (request, str(self.device), str(self.dtype))
             dense = self._dense.get(key)

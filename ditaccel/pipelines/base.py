@@ -68,6 +68,11 @@ class ModelAdapter:
     def preset(self) -> AttentionConfig:
         raise NotImplementedError
 
+    def preset_for(self, obj) -> AttentionConfig:
+        """The preset for this pipeline (or bare transformer): the family's, unless the adapter
+        knows a better one for its architecture."""
+        return self.preset()
+
     def method_defaults(self, method: str) -> dict[str, Any]:
         """Family-tuned field defaults for ``method`` (overridden by the user's fields)."""
         return {}

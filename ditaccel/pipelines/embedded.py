@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..methods import XAttnConfig
 from .reference import WEIGHTS_DIR as REFERENCE_DIR
 from .reference import model as _model
 
@@ -42,6 +43,11 @@ cross-attention small."""
 DEFAULT_PROMPT = "a red square moving left on a gray striped background"
 DEFAULT_NEGATIVE_PROMPT = ""
 
+PRESET = XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
+"""What ``accelerate(pipe)`` runs on this pipeline when no method is given (the Wan family preset's
+3 x 3 x 3 tile window covers the whole 5 x 18 x 24 grid here, so it would stay dense). Chosen with
+``benchmarks/preset_sweep.py`` at :data:`DEFAULTS` (figures in ``benchmarks/RESULTS.md``)."""
+
 SPECIAL_TOKENS = _model.SPECIAL_TOKENS
 VOCAB = _model.vocabulary()
 TRANSFORMER_CONFIG = _model.TRANSFORMER_CONFIG
@@ -54,6 +60,18 @@ build_tokenizer = _model.build_tokenizer
 def build(seed: int = SEED):
     """The embedded architecture with seeded random weights (float32, CPU), global RNG untouched."""
     return _model.build(seed)
+
+
+def is_embedded_transformer(module) -> bool:
+    """True for a ``WanTransformer3DModel`` of the embedded architecture (trained or not)."""
+    if type(module).__name__ != "WanTransformer3DModel":
+        return False
+    config = module.config
+    return all(_same(config.get(k), v) for k, v in TRANSFORMER_CONFIG.items())
+
+
+def _same(a, b) -> bool:
+    return tuple(a) == tuple(b) if isinstance(b, (list, tuple)) and isinstance(a, (list, tuple)) else a == b
 
 
 def is_trained() -> bool:

@@ -30,3 +30,12 @@ class WanAdapter(ModelAdapter):
 
     def preset(self):
         return TileConfig(window=(3, 3, 3), dense_steps=1)
+
+    def preset_for(self, obj):
+        # The embedded reference pipeline is a Wan too, but its 5 x 18 x 24 token grid fits inside
+        # the family preset's tile window: it gets the preset chosen for it (see embedded.PRESET).
+        from . import embedded
+
+        if any(embedded.is_embedded_transformer(t) for _, t in self.transformers(obj)):
+            return embedded.PRESET
+        return self.preset()
