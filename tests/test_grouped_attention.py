@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from block_mask_cases import check_output, dense_reference, dense_token_mask, random_case
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from block_mask_cases import (
+    check_output,
+    dense_reference,
+    dense_token_mask,
+    random_case,
+)
+from torch.nn.attention.flex_attention import (
+    BlockMask,
+    create_block_mask,
+    flex_attention,
+)
 
-import ditaccel.kernels.grouped as grouped
-from ditaccel.kernels import run_plan
+from ditaccel.kernels import grouped, run_plan
 from ditaccel.kernels.grouped import grouped_block_sparse_attention
 from ditaccel.kernels.reference import block_sparse_attention_reference
 from ditaccel.methods import RadialConfig, TileConfig, WindowConfig, make_method

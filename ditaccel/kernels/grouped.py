@@ -54,7 +54,7 @@ class _Groups:
 
 
 # BlockMask -> {(device, B, H, Sq, Skv): _Groups}. Weak keys: groups die with the mask.
-_GROUPS: "weakref.WeakKeyDictionary[BlockMask, dict]" = weakref.WeakKeyDictionary()
+_GROUPS: weakref.WeakKeyDictionary[BlockMask, dict] = weakref.WeakKeyDictionary()
 
 
 def _row_lists(block_mask: BlockMask, nq: int, B: int, H: int, shared: bool, device):
