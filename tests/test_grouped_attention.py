@@ -127,6 +127,19 @@ def test_method_plans_match_the_reference(config):
     torch.testing.assert_close(grouped_block_sparse_attention(q, k, v, plan.block_mask), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_rows_sharing_a_key_list_run_as_one_head():
+    """A frame-local tile window: every query block of a frame keeps the same key blocks, so they
+    gather those keys once; the result still matches the reference."""
+    plan = make_method(TileConfig(block_size=64, window=(1, 3, 3))).plan(CallShape((5, 16, 24), 0, "none"),
+                                                                         torch.device("cpu"))
+    n = plan.layout.num_slots
+    q, k, v = (torch.randn(2, 3, n, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    groups = _groups_of(plan.block_mask, q, k).groups
+    assert max(g.per_list for g in groups) == 6  # the 2 x 3 tiles of (1, 8, 8) in a 16 x 24 frame
+    ref = block_sparse_attention_reference(q, k, v, plan.block_mask)
+    torch.testing.assert_close(grouped_block_sparse_attention(q, k, v, plan.block_mask), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_a_fully_dense_plan_is_one_sdpa_on_k_as_it_is(monkeypatch):
     plan = make_method(TileConfig()).plan(CallShape((5, 18, 24), 0, "none"), torch.device("cpu"))
     assert plan.density == 1.0

@@ -41,10 +41,11 @@ class _Group:
 
     count: int
     keys: int  # keys each row attends over: count * BK, less the ragged last block's missing keys
-    rows: torch.Tensor  # [n] long: the rows' query blocks
-    kv_rows: torch.Tensor | None  # [n * count] long: their key blocks; None: every key, attend to k as it is
-    mask: torch.Tensor | None  # [n, BQ, keys] additive, 0 or -inf, in the compute dtype (None: no mask)
-    row_any: torch.Tensor | None  # [n, BQ, 1] bool: query rows with an allowed key (None: every row)
+    per_list: int  # rows sharing each key list (they run as one SDPA head)
+    rows: torch.Tensor  # [lists * per_list] long: the rows' query blocks, list by list
+    kv_rows: torch.Tensor | None  # [lists * count] long: each list's key blocks; None: every key, k as is
+    mask: torch.Tensor | None  # [lists * per_list, BQ, keys] additive, 0 or -inf (None: no mask)
+    row_any: torch.Tensor | None  # [lists * per_list, BQ, 1] bool: rows with an allowed key (None: all)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,51 @@ def _row_lists(block_mask: BlockMask, nq: int, B: int, H: int, shared: bool, dev
     return blocks.gather(-1, order), partial.gather(-1, order), valid.sum(-1)
 
 
+def _token_mask(block_mask: BlockMask, b, h, qb, kv, part, BQ: int, BK: int, Sq: int, Skv: int, keys: int,
+                device) -> torch.Tensor:
+    """[n, BQ, keys] bool for rows (b, h, query block qb) keeping key blocks ``kv`` [n, c] (``part``:
+    which are partial): ``mask_mod`` inside partial blocks, everything inside full ones. Evaluated in
+    chunks of rows on the BlockMask's device (its mask_mod's closures live there)."""
+    mask_device = block_mask.kv_num_blocks.device
+    n, c = kv.shape
+    masks = []
+    rows_per_chunk = max(1, _GATHER_BUDGET_BYTES // (BQ * c * BK * 8))
+    for s in range(0, n, rows_per_chunk):
+        sl = slice(s, s + rows_per_chunk)
+        kv_tok = (kv[sl, :, None] * BK + torch.arange(BK, device=device)).flatten(1)  # [rows, c*BK]
+        q_tok = qb[sl, None] * BQ + torch.arange(BQ, device=device)  # [rows, BQ]
+        ok = torch.as_tensor(block_mask.mask_mod(
+            b[sl, None, None].to(mask_device), h[sl, None, None].to(mask_device),
+            q_tok.clamp(max=Sq - 1)[:, :, None].to(mask_device),
+            kv_tok.clamp(max=Skv - 1)[:, None, :].to(mask_device),
+        ), device=mask_device).to(device)
+        ok = ~part[sl].repeat_interleave(BK, -1)[:, None, :] | ok  # full blocks: no mask_mod
+        masks.append(ok.expand(len(kv_tok), BQ, c * BK)[:, :, :keys])
+    return torch.cat(masks)
+
+
+def _by_shared_lists(count: int, keys: int, rows, kv_rows, mask, dtype) -> list[_Group]:
+    """Split rows keeping ``count`` key blocks into groups whose rows share their key list with the
+    same number of other rows: a list's rows run as one SDPA head of (rows x BQ) queries and gather
+    their keys once (in a tile or window plan, whole frames of query blocks share a list)."""
+    lists, which, members_per_list = torch.unique(kv_rows, dim=0, return_inverse=True, return_counts=True)
+    by_list = torch.argsort(which, stable=True)  # rows, list by list
+    first = torch.cumsum(members_per_list, 0) - members_per_list
+    groups = []
+    for per_list in torch.unique(members_per_list).tolist():
+        chosen = torch.nonzero(members_per_list == per_list).flatten()
+        members = by_list[(first[chosen, None] + torch.arange(per_list, device=rows.device)).flatten()]
+        bias = row_any = None
+        if mask is not None:
+            allowed = mask[members]
+            row_any = allowed.any(-1, keepdim=True)
+            row_any = None if bool(row_any.all()) else row_any
+            # Additive form (0 / -inf), made once: SDPA converts a boolean mask on every call.
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=rows.device).masked_fill_(~allowed, float("-inf"))
+        groups.append(_Group(count, keys, per_list, rows[members], lists[chosen].flatten(), bias, row_any))
+    return groups
+
+
 def _group_rows(block_mask: BlockMask, B: int, H: int, Sq: int, Skv: int, device, dtype) -> _Groups:
     BQ, BK = block_sizes(block_mask)
     nq, nk = -(-Sq // BQ), -(-Skv // BK)
@@ -90,17 +136,14 @@ def _group_rows(block_mask: BlockMask, B: int, H: int, Sq: int, Skv: int, device
     row_bh = torch.arange(R, device=device)
     rows_b, rows_h = (torch.zeros_like(row_bh),) * 2 if shared else (row_bh // H, row_bh % H)
 
-    # The ragged last key block (if any) goes to the end of its row: its missing keys are then the
-    # last slots of the gathered keys, cut off by length instead of masked.
-    slot = torch.arange(blocks.shape[-1], device=device)
-    in_row = slot < count[..., None]
+    # Each row's key blocks in ascending order (slots past its count last): rows keeping the same
+    # blocks then hold equal lists, and the ragged last key block, when kept, comes last, so its
+    # missing keys are the last gathered ones and are cut off by length instead of masked.
+    in_row = torch.arange(blocks.shape[-1], device=device) < count[..., None]
+    order = torch.argsort(torch.where(in_row, blocks, nk), dim=-1, stable=True)
+    blocks, partial = blocks.gather(-1, order), partial.gather(-1, order)
     tail = nk * BK - Skv
-    has_tail = torch.zeros_like(count, dtype=torch.bool)
-    if tail:
-        is_last = (blocks == nk - 1) & in_row
-        has_tail = is_last.any(-1)
-        order = torch.argsort(is_last.to(torch.int8) + 2 * (~in_row).to(torch.int8), dim=-1, stable=True)
-        blocks, partial = blocks.gather(-1, order), partial.gather(-1, order)
+    has_tail = ((blocks == nk - 1) & in_row).any(-1) if tail else torch.zeros_like(count, dtype=torch.bool)
     needs_mask = (partial & in_row).any(-1)  # [R, nq]: a row needs a token mask for partial blocks only
 
     groups = []
@@ -111,38 +154,15 @@ def _group_rows(block_mask: BlockMask, B: int, H: int, Sq: int, Skv: int, device
         r, qb = torch.nonzero((count == c) & (needs_mask == bool(m)) & (has_tail == bool(t)), as_tuple=True)
         kv = blocks[r, qb, :c]
         b, h = rows_b[r], rows_h[r]
+        keys_kept = c * BK - (tail if t else 0)
         # Block-flat row indices: per query block when shared, else per (b, h, query block).
         rows = qb if shared else (b * H + h) * nq + qb
-        kv_rows = (kv if shared else ((b * H + h) * nk)[:, None] + kv).flatten()
-        keys_kept = c * BK - (tail if t else 0)
         if not m and c == nk and shared:
-            groups.append(_Group(c, keys_kept, rows, None, None, None))  # every key, unmasked: k as is
+            groups.append(_Group(c, keys_kept, 1, rows, None, None, None))  # every key, unmasked: k as is
             continue
-        if not m:
-            groups.append(_Group(c, keys_kept, rows, kv_rows, None, None))
-            continue
-        # Token mask of each row: keys in k, and mask_mod inside partial blocks. Evaluated in
-        # chunks of rows on the BlockMask's device (its mask_mod's closures live there).
-        mask_device = block_mask.kv_num_blocks.device
-        masks = []
-        rows_per_chunk = max(1, _GATHER_BUDGET_BYTES // (BQ * c * BK * 8))
-        for s in range(0, len(r), rows_per_chunk):
-            sl = slice(s, s + rows_per_chunk)
-            kv_tok = (kv[sl, :, None] * BK + torch.arange(BK, device=device)).flatten(1)  # [n, c*BK]
-            part_tok = partial[r[sl], qb[sl], :c].repeat_interleave(BK, -1)
-            q_tok = qb[sl, None] * BQ + torch.arange(BQ, device=device)  # [n, BQ]
-            ok = torch.as_tensor(block_mask.mask_mod(
-                b[sl, None, None].to(mask_device), h[sl, None, None].to(mask_device),
-                q_tok.clamp(max=Sq - 1)[:, :, None].to(mask_device),
-                kv_tok.clamp(max=Skv - 1)[:, None, :].to(mask_device),
-            ), device=mask_device).to(device)
-            ok = ~part_tok[:, None, :] | ok  # full blocks: no mask_mod
-            masks.append(ok.expand(len(kv_tok), BQ, c * BK)[:, :, :keys_kept])
-        mask = torch.cat(masks)
-        row_any = mask.any(-1, keepdim=True)
-        # Additive form (0 / -inf), made once: SDPA converts a boolean mask on every call.
-        bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-        groups.append(_Group(c, keys_kept, rows, kv_rows, bias, None if bool(row_any.all()) else row_any))
+        kv_rows = kv if shared else ((b * H + h) * nk)[:, None] + kv
+        mask = _token_mask(block_mask, b, h, qb, kv, partial[r, qb, :c], BQ, BK, Sq, Skv, keys_kept, device) if m else None
+        groups.extend(_by_shared_lists(c, keys_kept, rows, kv_rows, mask, dtype))
     return _Groups(shared, tuple(groups))
 
 
@@ -179,28 +199,33 @@ def grouped_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     out = torch.zeros(G, qf.shape[1], BQ * Dv, dtype=dtype, device=q.device)
 
     for g in plan.groups:
-        # Rows per SDPA call: the gathered keys and values stay under the budget.
-        step = max(1, _GATHER_BUDGET_BYTES // (G * g.count * BK * (D + Dv) * qc.element_size()))
-        for s in range(0, len(g.rows), step):
-            rows = g.rows[s : s + step]
-            n = len(rows)
-            qs = qf.index_select(1, rows).view(G, n, BQ, D)
-            if g.kv_rows is None:
-                # Every key block, no mask: the rows attend to k as it is (a dense plan is one SDPA).
-                o = F.scaled_dot_product_attention(qs.view(B, H, n * BQ, D), kc, vc, scale=scale)
-                out.index_copy_(1, rows, o.reshape(G, n, BQ * Dv))
-                continue
-            # Rows are SDPA's heads and (batch, head) pairs its batch, so the rows' masks broadcast
-            # over batch and head without a copy.
-            kv_rows = g.kv_rows[s * g.count : (s + n) * g.count]
-            ks = kf.index_select(1, kv_rows).view(G, n, g.count * BK, D)[:, :, : g.keys]
-            vs = vf.index_select(1, kv_rows).view(G, n, g.count * BK, Dv)[:, :, : g.keys]
-            mask = None if g.mask is None else g.mask[s : s + n][None]  # [1, n, BQ, keys]
+        if g.kv_rows is None:
+            # Every key block, no mask: the rows attend to k as it is (a dense plan is one SDPA).
+            n = len(g.rows)
+            qs = qf.index_select(1, g.rows).view(B, H, n * BQ, D)
+            o = F.scaled_dot_product_attention(qs, kc, vc, scale=scale)
+            out.index_copy_(1, g.rows, o.reshape(G, n, BQ * Dv))
+            continue
+        # Lists per SDPA call: the gathered keys and values stay under the budget.
+        m, c = g.per_list, g.count
+        step = max(1, _GATHER_BUDGET_BYTES // (G * c * BK * (D + Dv) * qc.element_size()))
+        for s in range(0, len(g.kv_rows) // c, step):
+            n_lists = min(step, len(g.kv_rows) // c - s)
+            rows = g.rows[s * m : (s + n_lists) * m]
+            kv_rows = g.kv_rows[s * c : (s + n_lists) * c]
+            # Lists are SDPA's heads and (batch, head) pairs its batch, so the masks broadcast over
+            # batch and head without a copy; a list's rows are one run of per_list * BQ queries.
+            qs = qf.index_select(1, rows).view(G, n_lists, m * BQ, D)
+            ks = kf.index_select(1, kv_rows).view(G, n_lists, c * BK, D)[:, :, : g.keys]
+            vs = vf.index_select(1, kv_rows).view(G, n_lists, c * BK, Dv)[:, :, : g.keys]
+            mask = None
+            if g.mask is not None:
+                mask = g.mask[s * m : (s + n_lists) * m].view(1, n_lists, m * BQ, g.keys)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
             if g.row_any is not None:
                 # Rows with nothing allowed: SDPA gives NaN there, FlexAttention gives zeros.
-                o = torch.where(g.row_any[s : s + n][None], o, 0.0)
-            out.index_copy_(1, rows, o.reshape(G, n, BQ * Dv))
+                o = torch.where(g.row_any[s * m : (s + n_lists) * m].view(1, n_lists, m * BQ, 1), o, 0.0)
+            out.index_copy_(1, rows, o.reshape(G, n_lists * m, BQ * Dv))
     return out.view(B, H, nq * BQ, Dv)[:, :, :Sq].to(q.dtype)
 
 
