@@ -113,15 +113,18 @@ def _by_shared_lists(count: int, keys: int, rows, kv_rows, mask, dtype) -> list[
     for per_list in torch.unique(members_per_list).tolist():
         chosen = torch.nonzero(members_per_list == per_list).flatten()
         members = by_list[(first[chosen, None] + torch.arange(per_list, device=rows.device)).flatten()]
-        bias = row_any = None
-        if mask is not None:
-            allowed = mask[members]
-            row_any = allowed.any(-1, keepdim=True)
-            row_any = None if bool(row_any.all()) else row_any
-            # Additive form (0 / -inf), made once: SDPA converts a boolean mask on every call.
-            bias = torch.zeros(allowed.shape, dtype=dtype, device=rows.device).masked_fill_(~allowed, float("-inf"))
-        groups.append(_Group(count, keys, per_list, rows[members], lists[chosen].flatten(), bias, row_any))
+        allowed = None if mask is None else mask[members]
+        groups.append(_group(count, keys, per_list, rows[members], lists[chosen].flatten(), allowed, dtype))
     return groups
+
+
+def _group(count: int, keys: int, per_list: int, rows, kv_rows, allowed, dtype) -> _Group:
+    if allowed is None:
+        return _Group(count, keys, per_list, rows, kv_rows, None, None)
+    row_any = allowed.any(-1, keepdim=True)
+    # Additive form (0 / -inf), made once: SDPA converts a boolean mask on every call.
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=rows.device).masked_fill_(~allowed, float("-inf"))
+    return _Group(count, keys, per_list, rows, kv_rows, bias, None if bool(row_any.all()) else row_any)
 
 
 def _group_rows(block_mask: BlockMask, B: int, H: int, Sq: int, Skv: int, device, dtype) -> _Groups:
@@ -162,7 +165,12 @@ def _group_rows(block_mask: BlockMask, B: int, H: int, Sq: int, Skv: int, device
             continue
         kv_rows = kv if shared else ((b * H + h) * nk)[:, None] + kv
         mask = _token_mask(block_mask, b, h, qb, kv, partial[r, qb, :c], BQ, BK, Sq, Skv, keys_kept, device) if m else None
-        groups.extend(_by_shared_lists(c, keys_kept, rows, kv_rows, mask, dtype))
+        if shared:
+            groups.extend(_by_shared_lists(c, keys_kept, rows, kv_rows, mask, dtype))
+        else:
+            # Per-(b, h) lists come from dynamic selections, rebuilt every call and rarely equal:
+            # finding shared lists would cost more than it saves.
+            groups.append(_group(c, keys_kept, 1, rows, kv_rows.flatten(), mask, dtype))
     return _Groups(shared, tuple(groups))
 
 
