@@ -6,17 +6,20 @@ evaluates ``mask_mod`` token by token on every call; its cost is the widest row'
 This executor is what ``backend="auto"`` runs on CPU. Per BlockMask (cached with weak keys, like the
 Triton kernel's tables) it works out once:
 
-- every row's key blocks (a row is a query block, or a (batch, head, query block) when the block
-  lists or ``mask_mod`` differ across batches or heads): full blocks, then partial ones;
-- groups of rows that keep the same number of key blocks, split into rows that need no token mask
-  (only full blocks, and no key block running past the end of k) and rows that do;
-- the token mask of the masked rows, evaluated once and kept as booleans.
+- every row's key blocks, in ascending order (a row is a query block, or a (batch, head, query
+  block) when the block lists or ``mask_mod`` differ across batches or heads);
+- groups of rows that keep the same number of key blocks, split into rows that need a token mask
+  (they keep a partial block) and rows that do not; a ragged last key block needs none, it comes
+  last in its row and its missing keys are cut off by length;
+- in the shared (per query block) mode, rows that keep the very same list, which then run as one
+  SDPA head and gather their keys once (whole frames of query blocks, in tile and window plans);
+- the token mask of the masked rows, evaluated once and kept as an additive bias.
 
 Per call each group is one ``scaled_dot_product_attention`` over its rows' gathered key blocks, so
-the work follows the plan's density with no padding to the widest row, and the common case, a
-full block, runs with no mask at all. Rows that keep every key block with no mask attend to k
-itself (no gather): a fully dense plan costs one SDPA. Semantics are FlexAttention's, as in the
-reference; rows with no allowed key return zeros.
+the work follows the plan's density with no padding to the widest row, and full blocks run with no
+mask at all. Rows that keep every key block with no mask attend to k itself (no gather): a fully
+dense plan costs one SDPA. Semantics are FlexAttention's, as in the reference; rows with no allowed
+key return zeros.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ _GROUPS: weakref.WeakKeyDictionary[BlockMask, dict] = weakref.WeakKeyDictionary(
 
 
 def _row_lists(block_mask: BlockMask, nq: int, B: int, H: int, shared: bool, device):
-    """(key blocks [R, nq, M], is_partial [R, nq, M], count [R, nq]) with valid slots first; R rows of
-    (b, h) (1 in shared mode, else B * H)."""
+    """(key blocks [R, nq, M], is_partial [R, nq, M], count [R, nq]): each row's blocks in ascending
+    order, then the unused slots; R rows of (b, h) (1 in shared mode, else B * H)."""
     lists = []
     for num, idx, partial in ((block_mask.full_kv_num_blocks, block_mask.full_kv_indices, False),
                               (block_mask.kv_num_blocks, block_mask.kv_indices, True)):
@@ -74,8 +77,10 @@ def _row_lists(block_mask: BlockMask, nq: int, B: int, H: int, shared: bool, dev
     blocks = torch.cat([x[0] for x in lists], -1)
     partial = torch.cat([x[1] for x in lists], -1)
     valid = torch.cat([x[2] for x in lists], -1)
-    # Valid slots first (full before partial, each in list order): the first `count` slots are a row's.
-    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    # Ascending block order, unused slots last: rows keeping the same blocks then hold equal lists,
+    # and the ragged last key block, when kept, comes last in its row, so its missing keys are the
+    # last gathered ones and are cut off by length instead of masked.
+    order = torch.argsort(torch.where(valid, blocks, torch.iinfo(torch.int64).max), dim=-1, stable=True)
     return blocks.gather(-1, order), partial.gather(-1, order), valid.sum(-1)
 
 
@@ -139,19 +144,14 @@ def _group_rows(block_mask: BlockMask, B: int, H: int, Sq: int, Skv: int, device
     row_bh = torch.arange(R, device=device)
     rows_b, rows_h = (torch.zeros_like(row_bh),) * 2 if shared else (row_bh // H, row_bh % H)
 
-    # Each row's key blocks in ascending order (slots past its count last): rows keeping the same
-    # blocks then hold equal lists, and the ragged last key block, when kept, comes last, so its
-    # missing keys are the last gathered ones and are cut off by length instead of masked.
     in_row = torch.arange(blocks.shape[-1], device=device) < count[..., None]
-    order = torch.argsort(torch.where(in_row, blocks, nk), dim=-1, stable=True)
-    blocks, partial = blocks.gather(-1, order), partial.gather(-1, order)
     tail = nk * BK - Skv
     has_tail = ((blocks == nk - 1) & in_row).any(-1) if tail else torch.zeros_like(count, dtype=torch.bool)
     needs_mask = (partial & in_row).any(-1)  # [R, nq]: a row needs a token mask for partial blocks only
 
     groups = []
-    keys = torch.stack([count, needs_mask.long(), has_tail.long()], -1).flatten(0, 1)
-    for c, m, t in torch.unique(keys, dim=0).tolist():
+    kinds = torch.stack([count, needs_mask.long(), has_tail.long()], -1).flatten(0, 1)
+    for c, m, t in torch.unique(kinds, dim=0).tolist():
         if c == 0:
             continue  # rows keeping nothing stay zero
         r, qb = torch.nonzero((count == c) & (needs_mask == bool(m)) & (has_tail == bool(t)), as_tuple=True)
