@@ -28,9 +28,9 @@ _MISSING = object()
 
 def resolve_config(adapter: ModelAdapter, method, overrides: dict[str, Any], target=None) -> AttentionConfig:
     """``method`` (None, a name or a config) + field overrides -> a validated config. None means
-    the preset: for ``target`` (the pipeline or transformer) when given, else the family's."""
+    the preset for ``target`` (the pipeline or transformer; without one, the family's)."""
     if method is None:
-        config = adapter.preset() if target is None else adapter.preset_for(target)
+        config = adapter.preset_for(target)
     elif isinstance(method, AttentionConfig):
         config = method
     else:
@@ -131,8 +131,9 @@ def _snapshot_module(module: torch.nn.Module):
 def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -> AccelerationHandle:
     """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
 
-    ``method``: None (the preset: the family's, or the embedded pipeline's own), a method name (``ditaccel.METHODS``) or a config
-    instance; ``overrides`` are that config's fields, e.g. ``window=(3, 3, 3), dense_steps=2``.
+    ``method``: None (the preset: the family's, or the embedded pipeline's own), a method name
+    (``ditaccel.METHODS``) or a config instance; ``overrides`` are that config's fields, e.g.
+    ``window=(3, 3, 3), dense_steps=2``.
     """
     adapter = find_adapter(pipe)
     config = resolve_config(adapter, method, overrides, pipe)

@@ -69,8 +69,8 @@ class ModelAdapter:
         raise NotImplementedError
 
     def preset_for(self, obj) -> AttentionConfig:
-        """The preset for this pipeline (or bare transformer): the family's, unless the adapter
-        knows a better one for its architecture."""
+        """The preset for this pipeline (or bare transformer; None: no object): the family's, unless
+        the adapter knows a better one for its architecture."""
         return self.preset()
 
     def method_defaults(self, method: str) -> dict[str, Any]:

@@ -36,6 +36,6 @@ class WanAdapter(ModelAdapter):
         # the family preset's tile window: it gets the preset chosen for it (see embedded.PRESET).
         from . import embedded
 
-        if any(embedded.is_embedded_transformer(t) for _, t in self.transformers(obj)):
+        if obj is not None and any(embedded.is_embedded_transformer(t) for _, t in self.transformers(obj)):
             return embedded.PRESET
         return self.preset()
