@@ -20,7 +20,7 @@ from .runner import BenchRun, _size_label, aggregate
 
 CSV_COLUMNS = (
     "key", "model", "method", "label", "height", "width", "frames", "steps", "seed", "status", "error",
-    "psnr", "psnr_min", "ssim", "lpips", "latent_rel_l2", "attention_error", "density", "speedup",
+    "psnr", "identical", "psnr_min", "ssim", "lpips", "latent_rel_l2", "attention_error", "density", "speedup",
     "speedup_sparse_steps", "dense_mean_step_ms", "accel_mean_step_ms", "attention_share", "wall_s", "baseline",
 )
 

@@ -61,7 +61,8 @@ def comparison_fields(comparison) -> dict:
     entries = d["stats"].get("per_layer_step") or []
     attention_ms = sum(e["time_ms"] for e in entries if e["step"] in timed) if entries else None
     share_of = sum(t["accel_step_ms"][i] for i in timed) if timed else None
-    t.update(attention_time_ms=attention_ms,
+    t.update(error_steps=sorted(set(range(len(t["dense_step_ms"]))) - set(timed)) if timed else [],
+             attention_time_ms=attention_ms,
              attention_share=attention_ms / share_of if attention_ms is not None and share_of else None,
              dense_mean_step_ms=_mean(t["dense_step_ms"][i] for i in timed),
              accel_mean_step_ms=_mean(t["accel_step_ms"][i] for i in timed))
