@@ -27,6 +27,14 @@ class CLIError(ValueError):
     pass
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line ("ditaccel compare: error: ..."), like every other bad input; the
+    usage stays one ``--help`` away."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def parse_set(items: list[str] | None) -> dict:
     """``["window=3,3,3", "backend=flex"]`` -> ``{"window": (3, 3, 3), "backend": "flex"}``.
 
@@ -56,7 +64,7 @@ def _common(p: argparse.ArgumentParser, top: bool = False) -> argparse.ArgumentP
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditaccel", description="Sparse attention for diffusers DiT pipelines.")
+    parser = OneLineParser(prog="ditaccel", description="Sparse attention for diffusers DiT pipelines.")
     _common(parser, top=True)
     parser.add_argument("--version", action="version", version=f"ditaccel {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

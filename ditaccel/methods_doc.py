@@ -52,8 +52,9 @@ def methods_text(only: str | None = None) -> str:
 
     lines = []
     for name in METHODS if only is None else (only,):
-        doc = (REGISTRY[name][0].__doc__ or "").strip().splitlines()[0]
-        lines.append(f"{name}: {doc}")
+        module = sys.modules[REGISTRY[name][0].__module__]
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        lines.append(doc if doc.startswith(f"{name}:") else f"{name}: {doc}")
         rows = method_rows(name)
         width = max(len(r[0]) for r in rows)
         for field, kind, allowed, default, help_, shared in rows:
@@ -80,9 +81,13 @@ def knobs_markdown() -> str:
 
     out = []
     for name in METHODS:
-        out += [f"#### `{name}`", "", "| knob | kind | allowed | default | what it does |", "|---|---|---|---|---|"]
-        out += [f"| `{f}` | {k} | {_cell(a)} | `{_cell(d)}` | {_cell(h)} |"
-                for f, k, a, d, h, shared in method_rows(name) if not shared]
+        own = [r for r in method_rows(name) if not r[5]]
+        out += [f"#### `{name}`", ""]
+        if not own:
+            out += ["No knobs of its own (the shared ones below).", ""]
+            continue
+        out += ["| knob | kind | allowed | default | what it does |", "|---|---|---|---|---|"]
+        out += [f"| `{f}` | {k} | {_cell(a)} | `{_cell(d)}` | {_cell(h)} |" for f, k, a, d, h, _ in own]
         out.append("")
     out += ["#### Shared by every method", "", "| knob | kind | allowed | default | what it does |",
             "|---|---|---|---|---|"]
