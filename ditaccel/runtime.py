@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .caches import CrossStepCaches
-from .kernels import run_plan
+from .kernels import select_executor
 from .kernels.reference import block_sparse_lse_reference
 from .methods import AttentionMethod, CallShape
 from .state import CallContext, StateStore
@@ -42,13 +42,16 @@ class CallInfo:
 
 class Stats:
     """Per (transformer, layer, step, branch): calls (dense / sparse / reused), density, attention
-    time; per call of interest, the error against dense attention; event counters; cache memory."""
+    time; per call of interest, the error against dense attention; event counters; cache memory;
+    the executors that really ran (``backends``: name -> kernel calls) and one-time ``notes``."""
 
     def __init__(self):
         self.cells = defaultdict(lambda: {"calls": 0, "dense_calls": 0, "reuse_calls": 0, "density_flops": 0.0,
                                           "flops": 0.0, "time_ms": 0.0, "errors": []})
         self.counters: dict = defaultdict(int)
         self.reports: dict = {}
+        self.backends: dict[str, int] = defaultdict(int)  # executor that really ran -> kernel calls
+        self.notes: dict[str, str] = {}  # one-time notes (e.g. why a call fell back to the model's attention)
         self.store: StateStore | None = None
         self._events: list[tuple[tuple, torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -68,6 +71,13 @@ class Stats:
     def add_events(self, key: tuple, start, end) -> None:
         self._events.append((key, start, end))
 
+    def count_backend(self, name: str) -> None:
+        self.backends[name] += 1
+
+    def note(self, key: str, message: str) -> None:
+        """Keep ``message`` once under ``key`` (``summary()["notes"]``)."""
+        self.notes.setdefault(key, message)
+
     def add_error(self, key: tuple, rel_error: float) -> None:
         self.cells[key]["errors"].append(rel_error)
 
@@ -82,6 +92,8 @@ class Stats:
         self.cells.clear()
         self.counters.clear()
         self.reports.clear()
+        self.backends.clear()
+        self.notes.clear()
         self._events.clear()
 
     def summary(self) -> dict:
@@ -130,6 +142,8 @@ class Stats:
             },
             "counters": dict(counters),
             "reports": {k: dict(v) for k, v in self.reports.items()},
+            "backends": dict(self.backends),
+            "notes": list(self.notes.values()),
             "cache": self.store.summary() if self.store is not None else None,
         }
 
@@ -259,18 +273,19 @@ class AttentionSite:
             heads=H, state=rt.store.state(rt.name, self.layer, call.branch, (shape, B, H)), store=rt.store,
             counters=rt.stats.counters, reports=rt.stats.reports, values=v,
         )
-        executor = PlanExecutor(q, k, v, key_valid, scale, rt.method.config.backend)
+        executor = PlanExecutor(q, k, v, key_valid, scale, rt.method.config.backend, rt.stats.count_backend)
         return rt.caches.run(ctx, q, k, executor, dense)
 
 
 class PlanExecutor:
     """Runs plans on one call's q, k, v ([B, S, H, D], model order): slots in, kernel, slots out."""
 
-    def __init__(self, q, k, v, key_valid, scale, backend: str):
+    def __init__(self, q, k, v, key_valid, scale, backend: str, on_run=None):
         self.q, self.k, self.v = q, k, v
         self.key_valid = key_valid  # [B, S] bool or None
         self.scale = scale
         self.backend = backend
+        self.on_run = on_run  # fn(name of the executor that really ran), once per kernel call
 
     def block_mask(self, plan):
         if self.key_valid is None:
@@ -283,7 +298,11 @@ class PlanExecutor:
     def run(self, plan) -> torch.Tensor:
         layout = plan.layout
         qs, ks, vs = (layout.to_slots(x, dim=1).transpose(1, 2) for x in (self.q, self.k, self.v))
-        out = run_plan(self.backend, qs, ks, vs, self.block_mask(plan), self.scale)
+        block_mask = self.block_mask(plan)
+        name, execute = select_executor(self.backend, qs, ks, vs, block_mask)
+        out = execute(qs, ks, vs, block_mask, self.scale)
+        if self.on_run is not None:
+            self.on_run(name)
         return layout.from_slots(out.transpose(1, 2), dim=1)
 
     def kept_mass(self, plan) -> torch.Tensor:
