@@ -106,10 +106,16 @@ def test_dense_plan_with_mask_equals_sdpa(form):
     torch.testing.assert_close(out.double(), _sdpa64(q, k, v, mask), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [WindowConfig(kernel_size=(1, 3, 5), block_size=64),
-                                    TopKConfig(topk=0.4, block_size=64, order="raster")])
-@pytest.mark.parametrize("form", ["bool [B,1,1,S] drops video keys", "bool [B,1,S] (SDPA: [1,B,1,S], per head)",
-                                  "-inf [B,1,S,S] dead query rows", "bool [B,1,1,S] a batch element fully masked"])
+WINDOW = WindowConfig(kernel_size=(1, 3, 5), block_size=64)
+TOPK = TopKConfig(topk=0.4, block_size=64, order="raster")
+
+
+@pytest.mark.parametrize("config,form", [
+    (WINDOW, "bool [B,1,1,S] drops video keys"),
+    (WINDOW, "-inf [B,1,S,S] dead query rows"),
+    (TOPK, "bool [B,1,S] (SDPA: [1,B,1,S], per head)"),
+    (TOPK, "bool [B,1,1,S] a batch element fully masked"),
+])
 def test_sparse_plan_with_mask_is_plan_and_mask(config, form):
     """A sparse plan with a mask computes exactly (plan's token mask) & (mask as SDPA reads it)."""
     mask = _forms()[form]
