@@ -32,6 +32,7 @@ ALIGNED = [
     ((3, 8, 8), 64, "prefix", "tile", 64),
     ((3, 8, 8), 7, "suffix", "tile", 64),
     ((2, 8, 8), 0, "none", "raster", 64),
+    ((1, 8, 8), 0, "prefix", "raster", 64),  # a text position with no text tokens
     ((3, 16, 8), 0, "none", "tile", 64),  # two spatial tiles per frame: radial is sparse here
     ((2, 16, 8), 20, "prefix", "tile", 64),
 ]
