@@ -51,7 +51,12 @@ def _ditaccel_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, scale=scale,
                                      backend=site.original_backend)
 
-    return site.attend(query, key, value, attn_mask, scale, dense)
+    site_mask = attn_mask
+    if attn_mask is not None and attn_mask.dim() == 2 and tuple(attn_mask.shape) == (query.shape[0], key.shape[1]):
+        # diffusers' backends read a 2-D mask [B, S_k] as key padding [B, 1, 1, S_k] (the native one
+        # reshapes it so before SDPA); the site reads masks as SDPA does, so hand it that shape.
+        site_mask = attn_mask[:, None, None, :]
+    return site.attend(query, key, value, site_mask, scale, dense)
 
 
 def backend_member():

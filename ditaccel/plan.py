@@ -38,22 +38,32 @@ class SparsePlan:
     density: float | torch.Tensor  # fraction of block pairs computed (a 0-d tensor: no host sync)
 
     def with_key_padding(self, key_valid: torch.Tensor) -> BlockMask:
-        """The BlockMask for one call whose text keys are padded (``key_valid``: [B, n_slots] bool, or
-        [B, H, n_slots] on a per-head layout).
+        """The BlockMask for one call whose keys are masked (``key_valid``: [B, Hm, n_slots] bool in
+        slot order, Hm 1 or the heads; any key, text or video, may be dropped).
 
-        Blocks holding text keys stop being full: the padding mask must be applied token by token.
+        A block holding a dropped key stops being full (the mask is applied token by token there);
+        a block whose every key is dropped is not computed at all.
         """
-        full = self.full_blocks & ~self.text_kv_blocks[None, :]
-        partial = self.any_blocks & ~full
+        bs, nb = self.layout.block_size, self.layout.num_blocks
         n = key_valid.shape[-1]
+        # Keys past the end do not exist: they neither keep a block partial nor make it live.
+        by_block = torch.nn.functional.pad(key_valid, (0, nb * bs - n), value=True).unflatten(-1, (nb, bs))
+        all_valid = by_block.all(-1)[:, :, None, :]  # [B, Hm, 1, nk]
+        live = torch.nn.functional.pad(key_valid, (0, nb * bs - n)).unflatten(-1, (nb, bs)).any(-1)[:, :, None, :]
+        full4, any4 = self.full_blocks, self.any_blocks
+        while full4.dim() < 4:
+            full4, any4 = full4.unsqueeze(0), any4.unsqueeze(0)
+        anyb = any4 & live
+        full = full4 & all_valid & anyb
+        partial = anyb & ~full
         base = self.slot_allowed
-        per_head = key_valid.dim() == 3
+        per_head = key_valid.shape[1] > 1
 
         def mask_mod(b, h, q_idx, kv_idx):
             kv = kv_idx.clamp(max=n - 1)
-            return base(q_idx, kv_idx) & (key_valid[b, h, kv] if per_head else key_valid[b, kv])
+            return base(q_idx, kv_idx) & (key_valid[b, h, kv] if per_head else key_valid[b, 0, kv])
 
-        return _block_mask(full, partial, mask_mod, self.layout.block_size, n)
+        return _block_mask(full, partial, mask_mod, bs, n)
 
 
 def _lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

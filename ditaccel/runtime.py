@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .caches import CrossStepCaches
-from .kernels import run_plan
+from .kernels import select_executor
 from .kernels.reference import block_sparse_lse_reference
+from .masks import MaskReading, read_mask
 from .methods import AttentionMethod, CallShape
 from .state import CallContext, StateStore
 
@@ -42,13 +43,16 @@ class CallInfo:
 
 class Stats:
     """Per (transformer, layer, step, branch): calls (dense / sparse / reused), density, attention
-    time; per call of interest, the error against dense attention; event counters; cache memory."""
+    time; per call of interest, the error against dense attention; event counters; cache memory;
+    the executors that really ran (``backends``: name -> kernel calls) and one-time ``notes``."""
 
     def __init__(self):
         self.cells = defaultdict(lambda: {"calls": 0, "dense_calls": 0, "reuse_calls": 0, "density_flops": 0.0,
                                           "flops": 0.0, "time_ms": 0.0, "errors": []})
         self.counters: dict = defaultdict(int)
         self.reports: dict = {}
+        self.backends: dict[str, int] = defaultdict(int)  # executor that really ran -> kernel calls
+        self.notes: dict[str, str] = {}  # one-time notes (e.g. why a call fell back to the model's attention)
         self.store: StateStore | None = None
         self._events: list[tuple[tuple, torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -68,6 +72,13 @@ class Stats:
     def add_events(self, key: tuple, start, end) -> None:
         self._events.append((key, start, end))
 
+    def count_backend(self, name: str) -> None:
+        self.backends[name] += 1
+
+    def note(self, key: str, message: str) -> None:
+        """Keep ``message`` once under ``key`` (``summary()["notes"]``)."""
+        self.notes.setdefault(key, message)
+
     def add_error(self, key: tuple, rel_error: float) -> None:
         self.cells[key]["errors"].append(rel_error)
 
@@ -82,6 +93,8 @@ class Stats:
         self.cells.clear()
         self.counters.clear()
         self.reports.clear()
+        self.backends.clear()
+        self.notes.clear()
         self._events.clear()
 
     def summary(self) -> dict:
@@ -130,6 +143,8 @@ class Stats:
             },
             "counters": dict(counters),
             "reports": {k: dict(v) for k, v in self.reports.items()},
+            "backends": dict(self.backends),
+            "notes": list(self.notes.values()),
             "cache": self.store.summary() if self.store is not None else None,
         }
 
@@ -168,37 +183,18 @@ class TransformerRuntime:
         self.current = None
         self._mask_cache = {}
 
-    def key_padding(self, attn_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor | None:
-        """[B, S] key validity if ``attn_mask`` only masks keys (text padding), else None.
+    def read_mask(self, attn_mask: torch.Tensor, batch: int, heads: int, seq_len: int) -> MaskReading:
+        """What ``attn_mask`` does to this forward's calls (``masks.read_mask``).
 
         The same mask tensor reaches every layer of one forward, so the verdict is cached for the
         forward's duration, keyed on the tensor object itself (held, so its identity stays unique).
         """
-        cached = self._mask_cache.get(id(attn_mask))
+        key = (id(attn_mask), batch, heads, seq_len)
+        cached = self._mask_cache.get(key)
         if cached is None or cached[0] is not attn_mask or cached[1] != attn_mask._version:
-            cached = (attn_mask, attn_mask._version, _key_padding(attn_mask, batch, seq_len))
-            self._mask_cache[id(attn_mask)] = cached
+            cached = (attn_mask, attn_mask._version, read_mask(attn_mask, batch, heads, seq_len))
+            self._mask_cache[key] = cached
         return cached[2]
-
-
-def _key_padding(attn_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor | None:
-    m = attn_mask
-    if m.dtype != torch.bool:
-        # Additive masks: 0 keeps a key, a very negative value drops it; anything else is a bias.
-        if not bool(((m == 0) | (m <= -1e4)).all()):
-            return None
-        m = m == 0
-    while m.dim() < 4:
-        m = m.unsqueeze(-2) if m.dim() == 2 else m.unsqueeze(1)
-    if m.shape[-1] != seq_len:
-        return None
-    m = m.expand(batch, m.shape[1], m.shape[2], seq_len)
-    key_valid = m.any(dim=2).any(dim=1)  # a key is valid if some query may see it
-    # Rows that see anything must see exactly the valid keys (masked query rows are padding too).
-    rows_any = m.any(dim=-1, keepdim=True)
-    if not bool(((m == key_valid[:, None, None, :]) | ~rows_any).all()):
-        return None
-    return key_valid
 
 
 class AttentionSite:
@@ -214,7 +210,9 @@ class AttentionSite:
     def _warn_once(self, reason: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"ditaccel: {self.name}: {reason}; running the model's own attention there", stacklevel=3)
+            message = f"ditaccel: {self.name}: {reason}; running the model's own attention there"
+            self.runtime.stats.note(reason, message)  # once per reason in stats()["notes"]
+            warnings.warn(message, stacklevel=3)
 
     def attend(self, q, k, v, attn_mask, scale, dense):
         """q, k, v: [B, S, H, D]. ``dense()`` computes the model's own attention on the same inputs."""
@@ -245,46 +243,58 @@ class AttentionSite:
         if S != call.seq_len or k.shape[1] != S:
             self._warn_once(f"sequence of {S} tokens does not match the grid {call.grid} + {call.text_len} text")
             return dense(), "dense", 1.0
-        key_valid = None
+        reading = MaskReading()
         if attn_mask is not None:
-            key_valid = rt.key_padding(attn_mask, B, S)
-            if key_valid is None:
-                self._warn_once("attention mask is not a key-padding mask")
+            reading = rt.read_mask(attn_mask, B, H, S)
+            if reading.fallback is not None:
+                self._warn_once(reading.fallback)
                 return dense(), "dense", 1.0
-            if bool(key_valid.all()):
-                key_valid = None
         shape = CallShape(call.grid, call.text_len, call.text_position)
         ctx = CallContext(
             transformer=rt.name, layer=self.layer, step=call.step, branch=call.branch, shape=shape, batch=B,
             heads=H, state=rt.store.state(rt.name, self.layer, call.branch, (shape, B, H)), store=rt.store,
             counters=rt.stats.counters, reports=rt.stats.reports, values=v,
         )
-        executor = PlanExecutor(q, k, v, key_valid, scale, rt.method.config.backend)
+        executor = PlanExecutor(q, k, v, reading.key_valid, scale, rt.method.config.backend, rt.stats.count_backend,
+                                row_live=reading.row_live)
         return rt.caches.run(ctx, q, k, executor, dense)
 
 
 class PlanExecutor:
     """Runs plans on one call's q, k, v ([B, S, H, D], model order): slots in, kernel, slots out."""
 
-    def __init__(self, q, k, v, key_valid, scale, backend: str):
+    def __init__(self, q, k, v, key_valid, scale, backend: str, on_run=None, row_live=None):
         self.q, self.k, self.v = q, k, v
-        self.key_valid = key_valid  # [B, S] bool or None
+        self.key_valid = key_valid  # [B, Hm, S] bool (Hm 1 or H; a [B, S] one is read as [B, 1, S]) or None
+        if key_valid is not None and key_valid.dim() == 2:
+            self.key_valid = key_valid[:, None, :]
+        self.row_live = row_live  # [B, Hm, S] bool or None: query rows the mask leaves any key (others give 0)
         self.scale = scale
         self.backend = backend
+        self.on_run = on_run  # fn(name of the executor that really ran), once per kernel call
 
     def block_mask(self, plan):
         if self.key_valid is None:
             return plan.block_mask
         layout = plan.layout
-        kv = self.key_valid[:, :, None, None].expand(-1, -1, self.q.shape[2], 1)
-        slots = layout.to_slots(kv.to(torch.uint8), dim=1)[..., 0].bool()  # [B, n, H]
-        return plan.with_key_padding(slots.transpose(1, 2) if layout.per_head else slots[:, :, 0])
+        kv = self.key_valid
+        if layout.per_head:  # every head has its own slot order
+            kv = kv.expand(-1, self.q.shape[2], -1)
+        slots = layout.to_slots(kv.transpose(1, 2)[..., None].to(torch.uint8), dim=1)[..., 0].bool()  # [B, n, Hm]
+        return plan.with_key_padding(slots.transpose(1, 2))
 
     def run(self, plan) -> torch.Tensor:
         layout = plan.layout
         qs, ks, vs = (layout.to_slots(x, dim=1).transpose(1, 2) for x in (self.q, self.k, self.v))
-        out = run_plan(self.backend, qs, ks, vs, self.block_mask(plan), self.scale)
-        return layout.from_slots(out.transpose(1, 2), dim=1)
+        block_mask = self.block_mask(plan)
+        name, execute = select_executor(self.backend, qs, ks, vs, block_mask)
+        out = execute(qs, ks, vs, block_mask, self.scale)
+        if self.on_run is not None:
+            self.on_run(name)
+        out = layout.from_slots(out.transpose(1, 2), dim=1)
+        if self.row_live is not None:  # rows whose every key is masked: zeros, as SDPA gives them
+            out = torch.where(self.row_live.transpose(1, 2)[..., None], out, 0.0)
+        return out
 
     def kept_mass(self, plan) -> torch.Tensor:
         """Fraction of each query's softmax mass on the keys ``plan`` keeps: [B, S, H, 1] float32."""
@@ -292,7 +302,10 @@ class PlanExecutor:
         qs, ks = (layout.to_slots(x, dim=1).transpose(1, 2) for x in (self.q, self.k))
         lse_kept = block_sparse_lse_reference(qs, ks, self.block_mask(plan), self.scale)  # [B, H, n]
         lse_kept = layout.from_slots(lse_kept.transpose(1, 2)[..., None], dim=1)  # [B, S, H, 1]
-        return torch.exp(lse_kept - self._dense_lse()).to(self.q.dtype)
+        lse_dense = self._dense_lse()
+        # Rows that see no key at all (masked out) keep no mass: 0, not exp(-inf + inf).
+        rho = torch.where(torch.isfinite(lse_dense), torch.exp(lse_kept - lse_dense), 0.0)
+        return rho.to(self.q.dtype)
 
     def _dense_lse(self) -> torch.Tensor:
         q, k = self.q.transpose(1, 2).float(), self.k.transpose(1, 2).float()  # [B, H, S, D]
@@ -303,7 +316,7 @@ class PlanExecutor:
         for c0 in range(0, S, chunk):
             logits = (q[:, :, c0 : c0 + chunk] @ k.transpose(-1, -2)) * scale
             if self.key_valid is not None:
-                logits = logits.masked_fill(~self.key_valid[:, None, None, :], float("-inf"))
+                logits = logits.masked_fill(~self.key_valid[:, :, None, :], float("-inf"))
             lse[:, :, c0 : c0 + chunk] = torch.logsumexp(logits, -1)
         return lse.transpose(1, 2)[..., None]
 

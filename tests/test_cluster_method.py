@@ -360,8 +360,8 @@ def test_more_clusters_than_tokens_are_capped():
 # configs
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [
-    ("q_clusters", 0), ("k_clusters", -3), ("k_clusters", 2.5), ("top_p", 0.0), ("top_p", 1.01),
-    ("top_p", "0.9"), ("iters_first", 0), ("iters_step", -1), ("block_size", 96),
+    ("q_clusters", -1), ("k_clusters", -3), ("k_clusters", 2.5), ("top_p", 0.0), ("top_p", 1.01),
+    ("top_p", "0.9"), ("iters_first", -1), ("iters_step", -1), ("block_size", 96),
 ])
 def test_bad_config_raises_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"ClusterConfig\.{field}"):
@@ -370,7 +370,7 @@ def test_bad_config_raises_naming_the_field(field, value):
 
 def test_defaults_and_registry():
     cfg = ClusterConfig()
-    assert (cfg.q_clusters, cfg.k_clusters, cfg.top_p, cfg.iters_first, cfg.iters_step) == (128, 512, 0.9, 50, 2)
+    assert (cfg.q_clusters, cfg.k_clusters, cfg.top_p, cfg.iters_first, cfg.iters_step) == (0, 0, 0.9, 0, 2)
     assert type(make_method(ClusterConfig(top_p=0.5))).__name__ == "ClusterMethod"
 
 
@@ -454,5 +454,5 @@ def test_accelerate_rejects_bad_cluster_config_and_leaves_pipeline_untouched():
     with pytest.raises(ValueError, match=r"ClusterConfig\.top_p"):
         ditaccel.accelerate(pipe, "cluster", top_p=0.0)
     with pytest.raises(ValueError, match=r"ClusterConfig\.k_clusters"):
-        ditaccel.accelerate(pipe, "cluster", k_clusters=0)
+        ditaccel.accelerate(pipe, "cluster", k_clusters=-1)
     assert torch.equal(run(pipe, "wan", steps=1), ref)

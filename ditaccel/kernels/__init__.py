@@ -6,18 +6,19 @@
 - ``"triton"``: the Triton kernel, wherever it can run;
 - ``"grouped"``: torch SDPA per group of query blocks keeping as many key blocks (``grouped.py``):
   the fast executor off CUDA;
-- ``"flex"``: PyTorch FlexAttention on the very same BlockMask (compiled on CUDA);
+- ``"flex"``: PyTorch FlexAttention on the very same BlockMask (compiled on CUDA; eager elsewhere,
+  with the block lists folded into ``mask_mod`` because eager FlexAttention ignores them: ``flex.py``);
 - ``"reference"``: the chunked torch reference (the twin the others are checked against).
 All take q, k, v as [B, H, S, D] (any strides) and return [B, H, S, D].
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
-import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
+from .flex import flex_block_sparse_attention
 from .grouped import grouped_block_sparse_attention
 from .reference import block_sparse_attention_reference
 
@@ -30,45 +31,41 @@ def _has_triton() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def flex_block_sparse_attention(q, k, v, block_mask: BlockMask, scale=None):
-    """FlexAttention on ``block_mask``: compiled on CUDA, eager (it materialises scores) elsewhere."""
-    if q.is_cuda:
-        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
-
-
 def block_sparse_attention(q, k, v, block_mask: BlockMask, scale=None):
     """Triton on CUDA (or under TRITON_INTERPRET=1), else the torch reference with a one-time warning."""
-    if _has_triton():
-        from .dispatch import block_sparse_attention as dispatched
-
-        return dispatched(q, k, v, block_mask, scale)
-    return block_sparse_attention_reference(q, k, v, block_mask, scale)
+    return _triton_or_reference(q, k, v, block_mask)[1](q, k, v, block_mask, scale)
 
 
-def run_plan(backend: str, q, k, v, block_mask: BlockMask, scale=None):
+def _triton_or_reference(q, k, v, block_mask: BlockMask) -> tuple[str, Callable]:
+    if not _has_triton():
+        return "reference", block_sparse_attention_reference
+    from .dispatch import chosen_executor
+
+    return chosen_executor(q, k, v, block_mask)
+
+
+def select_executor(backend: str, q, k, v, block_mask: BlockMask) -> tuple[str, Callable]:
+    """(name, fn) of the executor that really runs this call under ``backend``; ``fn(q, k, v,
+    block_mask, scale)``. Every executor runs the plan's block lists exactly; one that cannot take
+    the call refuses it: ``backend="triton"`` raises naming the reason, ``"auto"`` on CUDA falls
+    back to the reference with a one-time warning naming it (and the name says "reference")."""
     if backend == "reference":
-        return block_sparse_attention_reference(q, k, v, block_mask, scale)
+        return "reference", block_sparse_attention_reference
     if backend == "grouped" or (backend == "auto" and not q.is_cuda and not _interpreting()):
-        return grouped_block_sparse_attention(q, k, v, block_mask, scale)
+        return "grouped", grouped_block_sparse_attention
     if backend == "flex":
-        return flex_block_sparse_attention(q, k, v, block_mask, scale)
+        return "flex", flex_block_sparse_attention
     if backend == "triton":
         if not _has_triton():
             raise RuntimeError("backend='triton' needs the triton package: pip install 'ditaccel[triton]'")
         from .triton_attention import triton_block_sparse_attention
 
-        return triton_block_sparse_attention(q, k, v, block_mask, scale)
-    return block_sparse_attention(q, k, v, block_mask, scale)
+        return "triton", triton_block_sparse_attention
+    return _triton_or_reference(q, k, v, block_mask)
+
+
+def run_plan(backend: str, q, k, v, block_mask: BlockMask, scale=None):
+    return select_executor(backend, q, k, v, block_mask)[1](q, k, v, block_mask, scale)
 
 
 def _interpreting() -> bool:
@@ -79,5 +76,5 @@ def _interpreting() -> bool:
 
 __all__ = [
     "block_sparse_attention", "block_sparse_attention_reference", "flex_block_sparse_attention",
-    "grouped_block_sparse_attention", "run_plan",
+    "grouped_block_sparse_attention", "run_plan", "select_executor",
 ]

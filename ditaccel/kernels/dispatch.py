@@ -47,6 +47,18 @@ def _triton_reason(q, k, v, block_mask) -> str | None:
     return triton_attention.unsupported_reason(q, k, v, block_mask)
 
 
+def chosen_executor(q, k, v, block_mask: BlockMask):
+    """("triton", kernel) when the Triton kernel takes the call, else ("reference", reference) after a
+    one-time warning naming the reason."""
+    reason = _triton_reason(q, k, v, block_mask)
+    if reason is None:
+        from .triton_attention import triton_block_sparse_attention
+
+        return "triton", triton_block_sparse_attention
+    _warn_once(reason)
+    return "reference", block_sparse_attention_reference
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -64,4 +76,4 @@ def block_sparse_attention(
     return block_sparse_attention_reference(q, k, v, block_mask, scale)
 
 
-__all__ = ["block_sparse_attention"]
+__all__ = ["block_sparse_attention", "chosen_executor"]

@@ -31,6 +31,11 @@ k-means runs on each token's vectors of every batch element side by side ([N, B 
 a token's label is shared by the batch, and a centroid's slice b is the mean over its members of
 batch element b. Scores and the selection are per batch element (plan ``[B, H, nq, nk]``).
 
+**Sizes.** By default (``0``) the cluster counts and the cold-start iterations follow the sequence
+(``ClusterConfig.cluster_counts``, ``cold_iters``): one key cluster per 64 video tokens and one query
+cluster per 256, capped at 512 / 128 (reached at video sizes), so a small image does not pay for a
+video's k-means; given values are used as they are (capped at the number of video tokens).
+
 **Across steps.** Centroids are kept per (transformer, layer, CFG branch) in ``ctx.state``: the
 first sparse step runs ``iters_first`` Lloyd iterations from a seeded k-means++ pick of tokens, later
 steps ``iters_step`` iterations from the stored centroids (SVG2's warm start: k-means is cheap once
@@ -58,23 +63,55 @@ _INIT_SEED = 0  # the seeded pick of initial centroids: the same tokens on every
 _CHUNK_ELEMENTS = 2**26  # [heads, tokens, clusters] scores evaluated per chunk of tokens
 _SEED_POOL = 16  # k-means++ draws its seeds among this many random tokens per cluster
 
+# Default cluster counts follow the sequence: k-means costs tokens x clusters per iteration, and a key
+# cluster much smaller than a kernel block only mixes blocks. At video sizes (~32k tokens) the caps
+# are reached (SVG2's regime); a 384-token image gets 6 key and 2 query clusters and costs about
+# what dense attention does.
+TOKENS_PER_K_CLUSTER, MAX_AUTO_K_CLUSTERS = 64, 512
+TOKENS_PER_Q_CLUSTER, MAX_AUTO_Q_CLUSTERS = 256, 128
+# Cold-start Lloyd iterations follow the key clusters likewise (few clusters settle in a few passes);
+# at the caps this is 50, the count SVG2 uses.
+KEY_CLUSTERS_PER_ITER, MIN_AUTO_ITERS, MAX_AUTO_ITERS = 8, 10, 50
+
 
 @dataclass(frozen=True)
 class ClusterConfig(AttentionConfig):
     """k-means reordering per head; block pairs kept by cumulative centroid-pair score ``top_p``.
 
     SVG2's public configs use 300-400 query and 1000 key clusters for its variable-size blocks; with
-    fixed kernel blocks, a key cluster smaller than a block only mixes blocks, hence fewer by default."""
+    fixed kernel blocks, a key cluster smaller than a block only mixes blocks, hence fewer by default,
+    and by default as many as the sequence needs (``cluster_counts``)."""
 
     method = "cluster"
-    q_clusters: int = knob(128, "int", low=1, help="k-means clusters over each head's video queries "
-                                                    "(capped at the number of video tokens)")
-    k_clusters: int = knob(512, "int", low=1, help="k-means clusters over each head's video keys; their order "
-                                                    "makes the blocks (capped at the number of video tokens)")
+    q_clusters: int = knob(0, "int", low=0, help=f"k-means clusters over each head's video queries (0: one per "
+                                                  f"{TOKENS_PER_Q_CLUSTER} video tokens, at most {MAX_AUTO_Q_CLUSTERS}; "
+                                                  f"always capped at the number of video tokens)")
+    k_clusters: int = knob(0, "int", low=0, help=f"k-means clusters over each head's video keys; their order makes "
+                                                  f"the blocks (0: one per {TOKENS_PER_K_CLUSTER} video tokens, at most "
+                                                  f"{MAX_AUTO_K_CLUSTERS}; always capped at the number of video tokens)")
     top_p: float = knob(0.9, "float", low=0.0, high=1.0, low_open=True,
                         help="keep key blocks per query block until their cumulative score reaches this (1 = dense)")
-    iters_first: int = knob(50, "int", low=1, help="Lloyd iterations at a layer's first sparse step (cold start)")
+    iters_first: int = knob(0, "int", low=0, help=f"Lloyd iterations at a layer's first sparse step (cold start; "
+                                                   f"0: one per {KEY_CLUSTERS_PER_ITER} key clusters, between "
+                                                   f"{MIN_AUTO_ITERS} and {MAX_AUTO_ITERS})")
     iters_step: int = knob(2, "int", low=0, help="Lloyd iterations at later steps, from the stored centroids")
+
+    def cluster_counts(self, n_video: int) -> tuple[int, int]:
+        """(query clusters, key clusters) for ``n_video`` video tokens: the given counts, or with 0 the
+        sequence-scaled defaults; never more than there are tokens."""
+        def count(given: int, per: int, cap: int) -> int:
+            wanted = given if given else min(cap, -(-n_video // per))
+            return max(1, min(wanted, n_video))
+
+        return (count(self.q_clusters, TOKENS_PER_Q_CLUSTER, MAX_AUTO_Q_CLUSTERS),
+                count(self.k_clusters, TOKENS_PER_K_CLUSTER, MAX_AUTO_K_CLUSTERS))
+
+    def cold_iters(self, k_clusters: int) -> int:
+        """Lloyd iterations of a cold start with ``k_clusters`` key clusters: ``iters_first``, or with 0
+        the scaled default."""
+        if self.iters_first:
+            return self.iters_first
+        return min(MAX_AUTO_ITERS, max(MIN_AUTO_ITERS, -(-k_clusters // KEY_CLUSTERS_PER_ITER)))
 
 
 # --- k-means, batched over heads ------------------------------------------------------------
@@ -219,7 +256,7 @@ def _split_batch(centroids: torch.Tensor, batch: int) -> torch.Tensor:
 class ClusterMethod(AttentionMethod):
     name = "cluster"
 
-    def _clusters(self, ctx, x: torch.Tensor, clusters: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _clusters(self, ctx, x: torch.Tensor, clusters: int, name: str, cold_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k-means of one head-batched point set, warm-started from ``ctx.state[name]`` if it fits;
         returns (centroids [H, K, F] float32, labels [H, N])."""
         stored = ctx.state.get(name)
@@ -227,7 +264,7 @@ class ClusterMethod(AttentionMethod):
         if stored is not None and tuple(stored.shape) == expected and stored.device == x.device:
             start, iters = stored, self.config.iters_step
         else:
-            start, iters = initial_centroids(x, clusters), self.config.iters_first
+            start, iters = initial_centroids(x, clusters), cold_iters
         centroids, labels = kmeans(x, start, iters)
         # Stored in the activations' dtype (half the bytes on bf16 models); a refusal means a cold start.
         ctx.state.put(name, centroids.to(x.dtype))
@@ -244,10 +281,11 @@ class ClusterMethod(AttentionMethod):
         B, _, _, D = q.shape
         q_points = _per_head_features(q[:, offset:offset + n_video])
         k_points = _per_head_features(k[:, offset:offset + n_video])
-        kq = min(self.config.q_clusters, n_video)
-        kk = min(self.config.k_clusters, n_video)
-        q_centroids, q_labels = self._clusters(ctx, q_points, kq, "cluster.q_centroids")
-        k_centroids, k_labels = self._clusters(ctx, k_points, kk, "cluster.k_centroids")
+        kq, kk = self.config.cluster_counts(n_video)
+        ctx.report("cluster.clusters", (kq, kk))  # what ran: handle.stats()["reports"]["cluster.clusters"]
+        cold = self.config.cold_iters(kk)
+        q_centroids, q_labels = self._clusters(ctx, q_points, kq, "cluster.q_centroids", cold)
+        k_centroids, k_labels = self._clusters(ctx, k_points, kk, "cluster.k_centroids", cold)
 
         video_orders = cluster_order(k_labels, q_labels, kq)
         scores = block_scores(layout, video_orders, q_labels, k_labels, _split_batch(q_centroids, B),

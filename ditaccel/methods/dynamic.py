@@ -90,7 +90,8 @@ class VideoBlocks:
     """Where the video tokens of a layout sit: slots ``[first_block * block_size, + num_video)``.
 
     ``src`` lists, in slot order, the original sequence index of each video token (on the device);
-    None when the layout is the identity (raster order, no text): the tokens are already in place."""
+    None when the layout is the identity (raster order, text already block-aligned or absent): the
+    video tokens are then the run ``[first_block * block_size, + num_video)`` of the sequence itself."""
 
     layout: TokenLayout
     first_block: int
@@ -99,7 +100,10 @@ class VideoBlocks:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, H, D] in model order -> [B, H, n_video, D] video tokens in slot order (a view if it can)."""
-        return (x if self.src is None else x.index_select(1, self.src)).transpose(1, 2)
+        if self.src is None:
+            start = self.first_block * self.layout.block_size
+            return x[:, start:start + self.layout.num_video].transpose(1, 2)
+        return x.index_select(1, self.src).transpose(1, 2)
 
     def embed(self, video_keep: torch.Tensor) -> torch.Tensor:
         """[B, H, nv, nv] video-block selection -> [B, H, nb, nb] over every block of the layout
