@@ -12,11 +12,12 @@ from .config import AttentionConfig
 from .methods import (
     METHODS, ClusterConfig, DenseConfig, HeadsConfig, RadialConfig, TileConfig, TopKConfig, WindowConfig, XAttnConfig,
 )
-from .pipelines import SUPPORTED_FAMILIES
+from .pipelines import SUPPORTED_FAMILIES, ModelSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "accelerate", "AccelerationHandle", "AttentionConfig", "DenseConfig", "WindowConfig", "TileConfig",
-    "RadialConfig", "TopKConfig", "XAttnConfig", "HeadsConfig", "ClusterConfig", "METHODS", "metrics", "SUPPORTED_FAMILIES", "__version__",
+    "RadialConfig", "TopKConfig", "XAttnConfig", "HeadsConfig", "ClusterConfig", "METHODS", "metrics", "SUPPORTED_FAMILIES", "ModelSpec",
+    "__version__",
 ]

@@ -128,14 +128,15 @@ def _snapshot_module(module: torch.nn.Module):
     return undo
 
 
-def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -> AccelerationHandle:
+def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, **overrides) -> AccelerationHandle:
     """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
 
     ``method``: None (the preset: the family's, or the embedded pipeline's own), a method name
     (``ditaccel.METHODS``) or a config instance; ``overrides`` are that config's fields, e.g.
-    ``window=(3, 3, 3), dense_steps=2``.
+    ``window=(3, 3, 3), dense_steps=2``. ``model``: a ``ditaccel.ModelSpec`` describing a transformer
+    no adapter knows (which modules, the token grid, the text span); it replaces the adapter lookup.
     """
-    adapter = find_adapter(pipe)
+    adapter = find_adapter(pipe, model)
     config = resolve_config(adapter, method, overrides, pipe)
     transformers = adapter.transformers(pipe)
     if not transformers:
@@ -154,13 +155,15 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -
         sites = []
         for name, layer, module in adapter.self_attention_modules(transformer):
             processor = getattr(module, "processor", None)
-            if processor is None:
+            if processor is None and not adapter.accepts_plain_modules:
                 raise ValueError(f"{attr}.{name} ({type(module).__name__}) has no attention processor to intercept")
-            sites.append((name, layer, module, processor, processor_kind(processor)))
+            kind = ProcessorKind.SDPA if processor is None else processor_kind(processor)
+            sites.append((name, layer, module, processor, kind))
         if not sites:
             raise ValueError(f"found no self-attention modules in {attr} ({type(transformer).__name__})")
         work.append((attr, transformer, sites))
-    member = backend_member() if any(s[4] is ProcessorKind.DISPATCH for w in work for s in w[2]) else None
+    dispatching = (ProcessorKind.DISPATCH, ProcessorKind.DISPATCH_ACTIVE)
+    member = backend_member() if any(s[4] in dispatching for w in work for s in w[2]) else None
 
     handle = AccelerationHandle(pipe, adapter, config)
     method_impl = make_method(config)
@@ -174,7 +177,8 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -
                 original = getattr(processor, "_attention_backend", None)
                 site = AttentionSite(runtime, layer, f"{attr}.{name}", original_backend=original)
                 handle._undo.append(_snapshot_module(module))
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(AttentionHook(site, kind), ATTENTION_HOOK)
+                hook = AttentionHook(site, kind, member)
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, ATTENTION_HOOK)
                 if kind is ProcessorKind.DISPATCH:
                     handle._undo.append(_restore_attr(processor, "_attention_backend"))
                     processor._attention_backend = member

@@ -9,6 +9,7 @@ attention time and, on request, the error against dense attention in ``Stats``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections import defaultdict
@@ -33,6 +34,7 @@ class CallInfo:
     batch: int
     step: int
     branch: str
+    token_order: object = None  # model positions in planning order, or a function of the length (CallFacts)
 
     @property
     def seq_len(self) -> int:
@@ -223,6 +225,32 @@ class AttentionSite:
         if call is None:
             self._warn_once("called outside a hooked transformer forward")
             return dense()
+        S = q.shape[1]
+        if call.text_len is None:  # the adapter left the dense span to the call: all beyond the grid
+            T, H_, W = call.grid
+            call = dataclasses.replace(call, text_len=max(S - T * H_ * W, 0))
+        order = call.token_order
+        if callable(order):  # the order depends on the call's length (a prefix of unknown length)
+            order = order(S) if S >= call.grid[0] * call.grid[1] * call.grid[2] else None
+            if order is None:
+                return self._attend(call, q, k, v, attn_mask, scale, dense)  # too short: the checks go dense
+        if order is None:
+            return self._attend(call, q, k, v, attn_mask, scale, dense)
+        if order.numel() != S or k.shape[1] != S:
+            self._warn_once(f"sequence of {S} tokens does not match the adapter's token order of {order.numel()}")
+            return dense()
+        # Extra dense tokens on both sides of the grid's: plan in the order that makes them one run.
+        order = order.to(q.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(S, device=q.device)
+        q, k, v = (x.index_select(1, order) for x in (q, k, v))
+        if attn_mask is not None:
+            attn_mask = _reorder_mask(attn_mask, order, S)
+        out = self._attend(call, q, k, v, attn_mask, scale, lambda: dense().index_select(1, order))
+        return out.index_select(1, inverse)
+
+    def _attend(self, call, q, k, v, attn_mask, scale, dense):
+        rt = self.runtime
         B, S, H, D = q.shape
         key = (rt.name, self.layer, call.step, call.branch)
         if rt.observer is not None:
@@ -261,6 +289,15 @@ class AttentionSite:
         )
         executor = PlanExecutor(q, k, v, key_valid, scale, rt.method.config.backend)
         return rt.caches.run(ctx, q, k, executor, dense)
+
+
+def _reorder_mask(mask: torch.Tensor, order: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """An attention mask in the model's order -> in planning order (its key and query axes)."""
+    if mask.shape[-1] == seq_len:
+        mask = mask.index_select(-1, order)
+    if mask.dim() >= 2 and mask.shape[-2] == seq_len:
+        mask = mask.index_select(-2, order)
+    return mask
 
 
 class PlanExecutor:

@@ -1,0 +1,179 @@
+"""Tiny random-weight bare transformers of every family ditaccel has an adapter for, with one
+forward's inputs at an odd token grid and what that forward's self-attention sequence holds.
+
+Each builder returns a :class:`Case`: the model (float32, eval, seeded), the forward's keyword
+arguments (seeded), the token grid (T, H, W) the test expects, and ``segments``: the self-attention
+sequence in the model's own order as ("video", n) / ("dense", n) runs, worked out here from the
+model's documented layout, independently of the adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tiny_pipelines import _seeded, _sharpen_attention
+
+HEADS, HEAD_DIM = 2, 16
+WIDTH = HEADS * HEAD_DIM
+TEXT_DIM = 32
+TEXT = 6  # text tokens
+
+
+@dataclass
+class Case:
+    model: torch.nn.Module
+    kwargs: dict
+    grid: tuple[int, int, int]
+    segments: list[tuple[str, int]]
+    output: Callable = field(default=lambda out: out[0] if isinstance(out, tuple) else out.sample)
+
+    def run(self):
+        with torch.no_grad():
+            out = self.output(self.model(**self.kwargs))
+        return out
+
+
+def _rand(gen, *shape):
+    return torch.randn(*shape, generator=gen)
+
+
+def _finish(model):
+    with torch.no_grad():
+        _sharpen_attention(model)
+    return model.eval().requires_grad_(False)
+
+
+# --- Wan and derivatives ------------------------------------------------------------------------
+_WAN_KW = dict(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4,
+               out_channels=4, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64)
+_WAN_LATENT = (1, 4, 3, 10, 14)  # grid (3, 5, 7)
+_WAN_GRID = (3, 5, 7)
+
+
+def _wan_inputs(seed=1, channels=4):
+    g = torch.Generator().manual_seed(seed)
+    B, _, F, H, W = _WAN_LATENT
+    return dict(hidden_states=_rand(g, B, channels, F, H, W), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=_rand(g, B, TEXT, TEXT_DIM), return_dict=False)
+
+
+def build_wan():
+    from diffusers import WanTransformer3DModel
+
+    with _seeded(0):
+        model = WanTransformer3DModel(**_WAN_KW)
+    return Case(_finish(model), _wan_inputs(), _WAN_GRID, [("video", 105)])
+
+
+def build_wan_vace():
+    from diffusers import WanVACETransformer3DModel
+
+    with _seeded(0):
+        model = WanVACETransformer3DModel(**_WAN_KW, vace_layers=[0], vace_in_channels=8)
+    kwargs = _wan_inputs()
+    g = torch.Generator().manual_seed(7)
+    kwargs["control_hidden_states"] = _rand(g, 1, 8, *_WAN_LATENT[2:])
+    return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105)])
+
+
+def build_skyreels_v2():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    with _seeded(0):
+        model = SkyReelsV2Transformer3DModel(**_WAN_KW)
+    return Case(_finish(model), _wan_inputs(), _WAN_GRID, [("video", 105)])
+
+
+def build_chronoedit():
+    from diffusers import ChronoEditTransformer3DModel
+
+    with _seeded(0):
+        model = ChronoEditTransformer3DModel(**_WAN_KW)
+    return Case(_finish(model), _wan_inputs(), _WAN_GRID, [("video", 105)])
+
+
+def build_helios():
+    """Helios with short-history latents: 2 history frames patched like the video (1, 2, 2) go
+    before the video tokens: 2 * 5 * 7 = 70 dense extra tokens."""
+    from diffusers import HeliosTransformer3DModel
+
+    kw = {k: v for k, v in _WAN_KW.items() if k != "rope_max_seq_len"}
+    with _seeded(0):
+        model = HeliosTransformer3DModel(**kw, rope_dim=(4, 6, 6))
+    kwargs = _wan_inputs()
+    g = torch.Generator().manual_seed(3)
+    kwargs.update(indices_hidden_states=torch.tensor([[2, 3, 4]]),
+                  latents_history_short=_rand(g, 1, 4, 2, 10, 14), indices_latents_history_short=torch.tensor([[0, 1]]))
+    return Case(_finish(model), kwargs, _WAN_GRID, [("dense", 70), ("video", 105)])
+
+
+# --- Flux-like (packed image tokens with position ids) ----------------------------------------
+def _flux_ids(H, W, index=0):
+    ids = torch.zeros(H, W, 3)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(H)[:, None]
+    ids[..., 2] = torch.arange(W)[None, :]
+    return ids.reshape(H * W, 3)
+
+
+def _flux_kwargs(seed, H, W, context=None, channels=16, guidance=False, pooled=32):
+    g = torch.Generator().manual_seed(seed)
+    ids = _flux_ids(H, W)
+    n = H * W
+    if context is not None:
+        ids = torch.cat([ids, _flux_ids(*context, index=1)])
+        n += context[0] * context[1]
+    kwargs = dict(hidden_states=_rand(g, 1, n, channels), encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM),
+                  timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(TEXT, 3), return_dict=False)
+    if pooled:
+        kwargs["pooled_projections"] = _rand(g, 1, pooled)
+    if guidance:
+        kwargs["guidance"] = torch.tensor([3.5])
+    return kwargs
+
+
+_FLUX_KW = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
+                num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6))
+
+
+def build_flux():
+    from diffusers import FluxTransformer2DModel
+
+    with _seeded(0):
+        model = FluxTransformer2DModel(**_FLUX_KW, pooled_projection_dim=32)
+    return Case(_finish(model), _flux_kwargs(1, 7, 9), (1, 7, 9), [("dense", TEXT), ("video", 63)])
+
+
+def build_flux_kontext():
+    """Flux Kontext: a 5 x 6 context image appended after the 7 x 9 image (img_ids index 1)."""
+    from diffusers import FluxTransformer2DModel
+
+    with _seeded(0):
+        model = FluxTransformer2DModel(**_FLUX_KW, pooled_projection_dim=32, guidance_embeds=True)
+    kwargs = _flux_kwargs(1, 7, 9, context=(5, 6), guidance=True)
+    return Case(_finish(model), kwargs, (1, 7, 9), [("dense", TEXT), ("video", 63), ("dense", 30)],
+                output=lambda out: out[0][:, :63])
+
+
+def build_chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    with _seeded(0):
+        model = ChromaTransformer2DModel(**_FLUX_KW, approximator_num_channels=8, approximator_hidden_dim=16,
+                                         approximator_layers=1)
+    kwargs = _flux_kwargs(1, 7, 9, pooled=0)
+    return Case(_finish(model), kwargs, (1, 7, 9), [("dense", TEXT), ("video", 63)])
+
+
+BUILDERS: dict[str, Callable[[], Case]] = {
+    "WanTransformer3DModel": build_wan,
+    "WanVACETransformer3DModel": build_wan_vace,
+    "SkyReelsV2Transformer3DModel": build_skyreels_v2,
+    "ChronoEditTransformer3DModel": build_chronoedit,
+    "HeliosTransformer3DModel": build_helios,
+    "FluxTransformer2DModel": build_flux,
+    "FluxTransformer2DModel/kontext": build_flux_kontext,
+    "ChromaTransformer2DModel": build_chroma,
+}
