@@ -167,6 +167,131 @@ def build_chroma():
     return Case(_finish(model), kwargs, (1, 7, 9), [("dense", TEXT), ("video", 63)])
 
 
+# --- HunyuanVideo family ------------------------------------------------------------------------
+_HV_KW = dict(in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=1,
+              num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+              text_embed_dim=TEXT_DIM, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6))
+_TEXT_MASK = torch.tensor([[1, 1, 1, 1, 0, 0]])  # two padded text tokens
+
+
+def build_hunyuan_video():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    with _seeded(0):
+        model = HunyuanVideoTransformer3DModel(**_HV_KW)
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=_rand(g, *_WAN_LATENT), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM), encoder_attention_mask=_TEXT_MASK,
+                  pooled_projections=_rand(g, 1, 16), guidance=torch.tensor([3500.0]), return_dict=False)
+    return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105), ("dense", TEXT)])
+
+
+def build_hunyuan_video15():
+    """Text-to-video: the image stream is all padding (zeros), ByT5 and MLLM text after the video."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    with _seeded(0):
+        model = HunyuanVideo15Transformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=1,
+            num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=TEXT_DIM,
+            text_embed_2_dim=24, image_embed_dim=16, rope_axes_dim=(4, 6, 6))
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=_rand(g, *_WAN_LATENT), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM), encoder_attention_mask=_TEXT_MASK,
+                  encoder_hidden_states_2=_rand(g, 1, 4, 24), encoder_attention_mask_2=torch.tensor([[1, 1, 1, 0]]),
+                  image_embeds=torch.zeros(1, 3, 16), return_dict=False)
+    return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105), ("dense", 3 + 4 + TEXT)])
+
+
+def build_hunyuan_framepack():
+    """History latents (clean, 2x, 4x: 51 tokens) before the video; 3 image tokens and the 4 valid
+    text tokens after it (a batch of one: the model drops the padded text)."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    with _seeded(0):
+        model = HunyuanVideoFramepackTransformer3DModel(**_HV_KW, has_image_proj=True, image_proj_dim=16,
+                                                        has_clean_x_embedder=True)
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=_rand(g, *_WAN_LATENT), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM), encoder_attention_mask=_TEXT_MASK,
+                  pooled_projections=_rand(g, 1, 16), image_embeds=_rand(g, 1, 3, 16),
+                  indices_latents=torch.tensor([1, 2, 3]), guidance=torch.tensor([3500.0]),
+                  latents_clean=_rand(g, 1, 4, 1, 10, 14), indices_latents_clean=torch.tensor([0]),
+                  latents_history_2x=_rand(g, 1, 4, 2, 10, 14), indices_latents_history_2x=torch.tensor([4, 5]),
+                  latents_history_4x=_rand(g, 1, 4, 4, 10, 14), indices_latents_history_4x=torch.arange(6, 10),
+                  return_dict=False)
+    # history: clean 1 x 5 x 7 = 35; 2x padded to 2 x 12 x 16, patched (2, 4, 4): 1 x 3 x 4 = 12; 4x padded
+    # to 4 x 16 x 16, patched (4, 8, 8): 1 x 2 x 2 = 4
+    return Case(_finish(model), kwargs, _WAN_GRID, [("dense", 35 + 12 + 4), ("video", 105), ("dense", 3 + 4)])
+
+
+# --- CogVideoX-like (text prefix, SDPA called directly) --------------------------------------
+_COG_KW = dict(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=4,
+               time_embed_dim=16, text_embed_dim=TEXT_DIM, num_layers=1, sample_width=14, sample_height=10,
+               sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT,
+               use_rotary_positional_embeddings=True)
+
+
+def _cog_inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_rand(g, 1, 3, 4, 10, 14), encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM),
+                timestep=torch.tensor([500]), return_dict=False)
+
+
+def _cog_rope():
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    return get_3d_rotary_pos_embed(HEAD_DIM, ((0, 0), (5, 7)), (5, 7), 3)
+
+
+def build_cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    with _seeded(0):
+        model = CogVideoXTransformer3DModel(**_COG_KW)
+    kwargs = {**_cog_inputs(), "image_rotary_emb": _cog_rope()}
+    return Case(_finish(model), kwargs, _WAN_GRID, [("dense", TEXT), ("video", 105)])
+
+
+def build_consisid():
+    from diffusers import ConsisIDTransformer3DModel
+
+    kw = {k: v for k, v in _COG_KW.items() if k != "temporal_compression_ratio"}
+    with _seeded(0):
+        model = ConsisIDTransformer3DModel(**kw)
+    kwargs = {**_cog_inputs(), "image_rotary_emb": _cog_rope()}
+    return Case(_finish(model), kwargs, _WAN_GRID, [("dense", TEXT), ("video", 105)])
+
+
+_COGVIEW_KW = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=HEAD_DIM,
+                   num_attention_heads=HEADS, text_embed_dim=TEXT_DIM, time_embed_dim=16, condition_dim=8,
+                   pos_embed_max_size=16, sample_size=16)
+
+
+def _cogview_inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    size = torch.tensor([[80.0, 112.0]])
+    return dict(hidden_states=_rand(g, 1, 4, 14, 18), encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM),
+                timestep=torch.tensor([500]), original_size=size, target_size=size,
+                crop_coords=torch.zeros(1, 2), return_dict=False)
+
+
+def build_cogview3plus():
+    from diffusers import CogView3PlusTransformer2DModel
+
+    with _seeded(0):
+        model = CogView3PlusTransformer2DModel(**_COGVIEW_KW)
+    return Case(_finish(model), _cogview_inputs(), (1, 7, 9), [("dense", TEXT), ("video", 63)])
+
+
+def build_cogview4():
+    from diffusers import CogView4Transformer2DModel
+
+    with _seeded(0):
+        model = CogView4Transformer2DModel(**_COGVIEW_KW, rope_axes_dim=(8, 8))
+    return Case(_finish(model), _cogview_inputs(), (1, 7, 9), [("dense", TEXT), ("video", 63)])
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
     "WanTransformer3DModel": build_wan,
     "WanVACETransformer3DModel": build_wan_vace,
@@ -176,4 +301,11 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "FluxTransformer2DModel": build_flux,
     "FluxTransformer2DModel/kontext": build_flux_kontext,
     "ChromaTransformer2DModel": build_chroma,
+    "HunyuanVideoTransformer3DModel": build_hunyuan_video,
+    "HunyuanVideo15Transformer3DModel": build_hunyuan_video15,
+    "HunyuanVideoFramepackTransformer3DModel": build_hunyuan_framepack,
+    "CogVideoXTransformer3DModel": build_cogvideox,
+    "ConsisIDTransformer3DModel": build_consisid,
+    "CogView3PlusTransformer2DModel": build_cogview3plus,
+    "CogView4Transformer2DModel": build_cogview4,
 }

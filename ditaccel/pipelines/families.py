@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
+from .cogview import CogView3PlusAdapter, CogView4Adapter
+from .consisid import ConsisIDAdapter
 from .flux import ChromaAdapter, FluxAdapter
+from .hunyuan_framepack import HunyuanFramepackAdapter
 from .hunyuan_video import HunyuanVideoAdapter
+from .hunyuan_video15 import HunyuanVideo15Adapter
 from .wan import WanAdapter
 from .wan_derived import HeliosAdapter, WanDerivedAdapter
 
 FAMILY_ADAPTERS: tuple[ModelAdapter, ...] = (
     WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter(), FluxAdapter(),
-    ChromaAdapter(), HeliosAdapter(),
+    ChromaAdapter(), HeliosAdapter(), HunyuanVideo15Adapter(), HunyuanFramepackAdapter(), ConsisIDAdapter(),
+    CogView3PlusAdapter(), CogView4Adapter(),
     WanDerivedAdapter(),  # last: it also accepts unknown classes with Wan's structure
 )
