@@ -26,7 +26,7 @@ class Case:
     model: torch.nn.Module
     kwargs: dict
     grid: tuple[int, int, int]
-    segments: list[tuple[str, int]]
+    segments: list  # [(kind, n), ...], or a list of such layouts when modules differ (told apart by length)
     output: Callable = field(default=lambda out: out[0] if isinstance(out, tuple) else out.sample)
 
     def run(self):
@@ -292,6 +292,88 @@ def build_cogview4():
     return Case(_finish(model), _cogview_inputs(), (1, 7, 9), [("dense", TEXT), ("video", 63)])
 
 
+# --- other image models -------------------------------------------------------------------------
+def _flux2_ids(H, W, t=0):
+    ids = torch.cartesian_prod(torch.tensor([t]), torch.arange(H), torch.arange(W), torch.tensor([0]))
+    return ids.float()
+
+
+def build_flux2():
+    """Flux.2 with one 5 x 6 reference image after the 7 x 9 image (ids t = 10)."""
+    from diffusers import Flux2Transformer2DModel
+
+    with _seeded(0):
+        model = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                        attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
+                                        joint_attention_dim=TEXT_DIM, timestep_guidance_channels=16,
+                                        axes_dims_rope=(4, 4, 4, 4))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([_flux2_ids(7, 9), _flux2_ids(5, 6, t=10)])[None]
+    txt_ids = torch.cartesian_prod(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.arange(TEXT))
+    kwargs = dict(hidden_states=_rand(g, 1, 93, 16), encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM),
+                  timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=txt_ids.float()[None],
+                  guidance=torch.tensor([4.0]), return_dict=False)
+    return Case(_finish(model), kwargs, (1, 7, 9), [("dense", TEXT), ("video", 63), ("dense", 30)])
+
+
+def build_sd3():
+    """SD3.5-style: block 0 has the dual attention (attn2 over the image tokens alone)."""
+    from diffusers import SD3Transformer2DModel
+
+    with _seeded(0):
+        model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                      attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
+                                      joint_attention_dim=TEXT_DIM, caption_projection_dim=WIDTH,
+                                      pooled_projection_dim=16, pos_embed_max_size=16, dual_attention_layers=(0,),
+                                      qk_norm="rms_norm")
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=_rand(g, 1, 4, 14, 18), encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM),
+                  pooled_projections=_rand(g, 1, 16), timestep=torch.tensor([500]), return_dict=False)
+    # attn: joint, image then text; attn2 (dual attention): image only
+    return Case(_finish(model), kwargs, (1, 7, 9), [[("video", 63), ("dense", TEXT)], [("video", 63)]])
+
+
+def _qwen(edit: bool):
+    from diffusers import QwenImageTransformer2DModel
+
+    with _seeded(0):
+        model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                            attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
+                                            joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6))
+    g = torch.Generator().manual_seed(1)
+    shapes = [(1, 7, 9), (1, 5, 6)] if edit else [(1, 7, 9)]
+    n = sum(f * h * w for f, h, w in shapes)
+    kwargs = dict(hidden_states=_rand(g, 1, n, 16), encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM),
+                  encoder_hidden_states_mask=_TEXT_MASK.clone(), timestep=torch.tensor([0.5]), img_shapes=[shapes],
+                  return_dict=False)
+    segments = [("dense", TEXT), ("video", 63)] + ([("dense", 30)] if edit else [])
+    return Case(_finish(model), kwargs, (1, 7, 9), segments)
+
+
+def build_qwen_image():
+    return _qwen(edit=False)
+
+
+def build_qwen_image_edit():
+    """Qwen-Image-Edit: a 5 x 6 reference image after the 7 x 9 image."""
+    return _qwen(edit=True)
+
+
+def build_hunyuan_image():
+    from diffusers import HunyuanImageTransformer2DModel
+
+    with _seeded(0):
+        model = HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=HEADS,
+                                               attention_head_dim=HEAD_DIM, num_layers=1, num_single_layers=1,
+                                               num_refiner_layers=1, mlp_ratio=2.0, patch_size=(2, 2),
+                                               text_embed_dim=TEXT_DIM, rope_axes_dim=(8, 8))
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=_rand(g, 1, 4, 14, 18), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM), encoder_attention_mask=_TEXT_MASK,
+                  return_dict=False)
+    return Case(_finish(model), kwargs, (1, 7, 9), [("video", 63), ("dense", TEXT)])
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
     "WanTransformer3DModel": build_wan,
     "WanVACETransformer3DModel": build_wan_vace,
@@ -308,4 +390,9 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "ConsisIDTransformer3DModel": build_consisid,
     "CogView3PlusTransformer2DModel": build_cogview3plus,
     "CogView4Transformer2DModel": build_cogview4,
+    "Flux2Transformer2DModel": build_flux2,
+    "SD3Transformer2DModel": build_sd3,
+    "QwenImageTransformer2DModel": build_qwen_image,
+    "QwenImageTransformer2DModel/edit": build_qwen_image_edit,
+    "HunyuanImageTransformer2DModel": build_hunyuan_image,
 }

@@ -8,15 +8,19 @@ from .cogvideox import CogVideoXAdapter
 from .cogview import CogView3PlusAdapter, CogView4Adapter
 from .consisid import ConsisIDAdapter
 from .flux import ChromaAdapter, FluxAdapter
+from .flux2 import Flux2Adapter
 from .hunyuan_framepack import HunyuanFramepackAdapter
+from .hunyuan_image import HunyuanImageAdapter
 from .hunyuan_video import HunyuanVideoAdapter
 from .hunyuan_video15 import HunyuanVideo15Adapter
+from .qwen_image import QwenImageAdapter
+from .sd3 import SD3Adapter
 from .wan import WanAdapter
 from .wan_derived import HeliosAdapter, WanDerivedAdapter
 
 FAMILY_ADAPTERS: tuple[ModelAdapter, ...] = (
     WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter(), FluxAdapter(),
     ChromaAdapter(), HeliosAdapter(), HunyuanVideo15Adapter(), HunyuanFramepackAdapter(), ConsisIDAdapter(),
-    CogView3PlusAdapter(), CogView4Adapter(),
+    CogView3PlusAdapter(), CogView4Adapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter(), HunyuanImageAdapter(),
     WanDerivedAdapter(),  # last: it also accepts unknown classes with Wan's structure
 )

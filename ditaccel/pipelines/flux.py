@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..methods import TileConfig
-from .base import CallFacts, ModelAdapter, blocks, dense_runs_first
+from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source, dense_runs_first
 
 
 class FluxAdapter(ModelAdapter):
@@ -72,3 +72,11 @@ class ChromaAdapter(FluxAdapter):
     family = "chroma"
     transformer_classes = ("ChromaTransformer2DModel",)
     tokens_note = ""
+
+    preset_source = conservative_source(35)
+
+    def preset(self):
+        return conservative_preset(35)
+
+    def method_defaults(self, method):
+        return {}
