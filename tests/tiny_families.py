@@ -374,6 +374,92 @@ def build_hunyuan_image():
     return Case(_finish(model), kwargs, (1, 7, 9), [("video", 63), ("dense", TEXT)])
 
 
+# --- other video models -------------------------------------------------------------------------
+def _video_inputs(seed=1, channels=4, text=True):
+    g = torch.Generator().manual_seed(seed)
+    kwargs = dict(hidden_states=_rand(g, 1, channels, 3, 10, 14), timestep=torch.tensor([500.0]), return_dict=False)
+    if text:
+        kwargs["encoder_hidden_states"] = _rand(g, 1, TEXT, TEXT_DIM)
+    return kwargs
+
+
+def build_ltx_video():
+    from diffusers import LTXVideoTransformer3DModel
+
+    with _seeded(0):
+        model = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=HEADS,
+                                           attention_head_dim=HEAD_DIM, cross_attention_dim=WIDTH, num_layers=1,
+                                           caption_channels=TEXT_DIM)
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=_rand(g, 1, 105, 8), encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM),
+                  timestep=torch.tensor([500.0]), encoder_attention_mask=_TEXT_MASK, num_frames=3, height=5, width=7,
+                  return_dict=False)
+    return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105)])
+
+
+def build_ltx2():
+    """LTX-2 with 5 audio latent frames: only the video stream's self-attention is sparse."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    with _seeded(0):
+        model = LTX2VideoTransformer3DModel(
+            in_channels=8, out_channels=8, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+            cross_attention_dim=WIDTH, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=HEADS,
+            audio_attention_head_dim=HEAD_DIM, audio_cross_attention_dim=WIDTH, num_layers=1,
+            caption_channels=TEXT_DIM)
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=_rand(g, 1, 105, 8), audio_hidden_states=_rand(g, 1, 5, 8),
+                  encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM),
+                  audio_encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM), timestep=torch.tensor([500.0]),
+                  num_frames=3, height=5, width=7, audio_num_frames=5, fps=24.0, return_dict=False)
+    return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105)])
+
+
+def build_mochi():
+    """Mochi drops each sample's padded text: 4 valid text tokens after the video."""
+    from diffusers import MochiTransformer3DModel
+
+    with _seeded(0):
+        model = MochiTransformer3DModel(patch_size=2, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                                        num_layers=1, pooled_projection_dim=16, in_channels=4, text_embed_dim=TEXT_DIM,
+                                        time_embed_dim=16, max_sequence_length=TEXT)
+    kwargs = {**_video_inputs(), "encoder_attention_mask": _TEXT_MASK}
+    return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105), ("dense", 4)])
+
+
+def build_cosmos():
+    from diffusers import CosmosTransformer3DModel
+
+    with _seeded(0):
+        model = CosmosTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=HEADS,
+                                         attention_head_dim=HEAD_DIM, num_layers=1, mlp_ratio=2.0,
+                                         text_embed_dim=TEXT_DIM, adaln_lora_dim=8, max_size=(8, 16, 16),
+                                         patch_size=(1, 2, 2), concat_padding_mask=False, extra_pos_embed_type=None)
+    return Case(_finish(model), _video_inputs(), _WAN_GRID, [("video", 105)])
+
+
+def build_allegro():
+    from diffusers import AllegroTransformer3DModel
+
+    with _seeded(0):
+        model = AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=HEADS,
+                                          attention_head_dim=HEAD_DIM, in_channels=4, out_channels=4, num_layers=1,
+                                          cross_attention_dim=WIDTH, sample_height=10, sample_width=14,
+                                          sample_frames=3, caption_channels=TEXT_DIM)
+    return Case(_finish(model), _video_inputs(), _WAN_GRID, [("video", 105)])
+
+
+def build_easyanimate():
+    from diffusers import EasyAnimateTransformer3DModel
+
+    with _seeded(0):
+        model = EasyAnimateTransformer3DModel(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4,
+                                              out_channels=4, patch_size=2, sample_width=14, sample_height=10,
+                                              num_layers=1, mmdit_layers=1, time_embed_dim=16,
+                                              text_embed_dim=TEXT_DIM)
+    return Case(_finish(model), _video_inputs(), _WAN_GRID, [("dense", TEXT), ("video", 105)])
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
     "WanTransformer3DModel": build_wan,
     "WanVACETransformer3DModel": build_wan_vace,
@@ -395,4 +481,10 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "QwenImageTransformer2DModel": build_qwen_image,
     "QwenImageTransformer2DModel/edit": build_qwen_image_edit,
     "HunyuanImageTransformer2DModel": build_hunyuan_image,
+    "LTXVideoTransformer3DModel": build_ltx_video,
+    "LTX2VideoTransformer3DModel": build_ltx2,
+    "MochiTransformer3DModel": build_mochi,
+    "CosmosTransformer3DModel": build_cosmos,
+    "AllegroTransformer3DModel": build_allegro,
+    "EasyAnimateTransformer3DModel": build_easyanimate,
 }

@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+from .allegro import AllegroAdapter
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
 from .cogview import CogView3PlusAdapter, CogView4Adapter
 from .consisid import ConsisIDAdapter
+from .cosmos import CosmosAdapter
+from .easyanimate import EasyAnimateAdapter
 from .flux import ChromaAdapter, FluxAdapter
 from .flux2 import Flux2Adapter
 from .hunyuan_framepack import HunyuanFramepackAdapter
 from .hunyuan_image import HunyuanImageAdapter
 from .hunyuan_video import HunyuanVideoAdapter
 from .hunyuan_video15 import HunyuanVideo15Adapter
+from .ltx import LTXVideoAdapter
+from .ltx2 import LTX2Adapter
+from .mochi import MochiAdapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .wan import WanAdapter
@@ -22,5 +28,6 @@ FAMILY_ADAPTERS: tuple[ModelAdapter, ...] = (
     WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter(), FluxAdapter(),
     ChromaAdapter(), HeliosAdapter(), HunyuanVideo15Adapter(), HunyuanFramepackAdapter(), ConsisIDAdapter(),
     CogView3PlusAdapter(), CogView4Adapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter(), HunyuanImageAdapter(),
+    LTXVideoAdapter(), LTX2Adapter(), MochiAdapter(), CosmosAdapter(), AllegroAdapter(), EasyAnimateAdapter(),
     WanDerivedAdapter(),  # last: it also accepts unknown classes with Wan's structure
 )
