@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_families import BUILDERS
+from tiny_families import BUILDERS, brute_force_mask, model_allowed
 
 import ditaccel
 from ditaccel.intercept import processor_kind
@@ -71,37 +71,6 @@ def test_static_and_dynamic_methods_run_sparse(name):
         assert stats["calls"] > 0 and stats["dense_calls"] < stats["calls"], (method, stats["calls"])
     after = case.run()
     assert torch.equal(after, ref)  # remove() restores the original forward bit for bit
-
-
-def window_neighbours(i, n, k):
-    start = min(max(i - k // 2, 0), n - k)
-    return range(start, start + k)
-
-
-def brute_force_mask(grid, segments, kernel):
-    """[S, S] bool in the model's token order."""
-    T, H, W = grid
-    coords = [(t, h, w) for t in range(T) for h in range(H) for w in range(W)]
-    S = sum(n for _, n in segments)
-    mask = torch.ones(S, S, dtype=torch.bool)
-    offset = 0
-    for kind, n in segments:
-        if kind == "video":
-            assert n == len(coords)
-            for i, a in enumerate(coords):
-                for j, b in enumerate(coords):
-                    mask[offset + i, offset + j] = all(b[x] in window_neighbours(a[x], grid[x], kernel[x]) for x in range(3))
-        offset += n
-    return mask
-
-
-def model_allowed(attn_mask, B, S):
-    if attn_mask is None:
-        return torch.ones(B, 1, S, S, dtype=torch.bool)
-    m = attn_mask if attn_mask.dtype == torch.bool else attn_mask > -1e4
-    while m.dim() < 4:
-        m = m.unsqueeze(1)
-    return m.expand(B, m.shape[1], S, S)
 
 
 @pytest.mark.parametrize("name", NAMES)

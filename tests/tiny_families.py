@@ -45,6 +45,45 @@ def _finish(model):
     return model.eval().requires_grad_(False)
 
 
+# --- brute-force token masks (independent of ditaccel) -----------------------------------------
+def window_neighbours(i, n, k):
+    start = min(max(i - k // 2, 0), n - k)
+    return range(start, start + k)
+
+
+def brute_force_mask(grid, segments, kernel):
+    """[S, S] bool in the model's token order: within the ("video", n) run, query (t, h, w) keeps the
+    keys inside the clamped ``kernel`` window around it (raster index (t * H + h) * W + w); every
+    pair involving a ("dense", n) token is kept."""
+    T, H, W = grid
+    S = sum(n for _, n in segments)
+    mask = torch.ones(S, S, dtype=torch.bool)
+    offset = 0
+    for kind, n in segments:
+        if kind == "video":
+            assert n == T * H * W
+            video = torch.zeros(n, n, dtype=torch.bool)
+            for t in range(T):
+                for h in range(H):
+                    for w in range(W):
+                        keys = [(kt * H + kh) * W + kw for kt in window_neighbours(t, T, kernel[0])
+                                for kh in window_neighbours(h, H, kernel[1]) for kw in window_neighbours(w, W, kernel[2])]
+                        video[(t * H + h) * W + w, keys] = True
+            mask[offset:offset + n, offset:offset + n] = video
+        offset += n
+    return mask
+
+
+def model_allowed(attn_mask, B, S):
+    """The model's own attention mask as [B, h, S, S] bool (additive masks: > -1e4 kept)."""
+    if attn_mask is None:
+        return torch.ones(B, 1, S, S, dtype=torch.bool)
+    m = attn_mask if attn_mask.dtype == torch.bool else attn_mask > -1e4
+    while m.dim() < 4:
+        m = m.unsqueeze(1)
+    return m.expand(B, m.shape[1], S, S)
+
+
 # --- Wan and derivatives ------------------------------------------------------------------------
 _WAN_KW = dict(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4,
                out_channels=4, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64)
