@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_demo_parser(sub)
+    from .pipelines.coverage import add_parser as add_presets_parser
+    add_presets_parser(sub)
     return parser
 
 

@@ -11,10 +11,13 @@ from .spec import ModelSpec, SpecAdapter
 ADAPTERS: tuple[ModelAdapter, ...] = FAMILY_ADAPTERS
 SUPPORTED_FAMILIES = {a.family: a.transformer_classes for a in ADAPTERS}
 
+_LINEAR = ("its self-attention is linear attention (ReLU kernels), not softmax: ditaccel's sparse plans select "
+           "softmax attention mass and do not apply")
 REFUSED = {
-    name: "its self-attention is linear attention (ReLU kernels), not softmax: ditaccel's sparse plans select "
-          "softmax attention mass and do not apply"
-    for name in ("SanaTransformer2DModel", "SanaVideoTransformer3DModel", "SanaWMTransformer3DModel")
+    "SanaTransformer2DModel": _LINEAR,
+    "SanaVideoTransformer3DModel": _LINEAR,
+    "SanaWMTransformer3DModel": "most of its blocks run gated-delta-net linear attention, not softmax (its few "
+                                "softmax blocks are not covered): ditaccel's sparse plans do not apply",
 }
 """Transformer classes ditaccel refuses on purpose, and why."""
 
