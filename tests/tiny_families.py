@@ -206,6 +206,33 @@ def build_chroma():
     return Case(_finish(model), kwargs, (1, 7, 9), [("dense", TEXT), ("video", 63)])
 
 
+def _flux_like(cls_name, **config):
+    import diffusers
+
+    with _seeded(0):
+        model = getattr(diffusers, cls_name)(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
+                                             joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), **config)
+    return model
+
+
+def build_bria():
+    model = _flux_like("BriaTransformer2DModel", pooled_projection_dim=32)
+    return Case(_finish(model), _flux_kwargs(1, 7, 9), (1, 7, 9), [("dense", TEXT), ("video", 63)])
+
+
+def build_longcat_image():
+    """LongCat-Image-Edit-style: a 5 x 6 reference image after the 7 x 9 image."""
+    model = _flux_like("LongCatImageTransformer2DModel", pooled_projection_dim=32)
+    kwargs = _flux_kwargs(1, 7, 9, context=(5, 6), pooled=0)
+    return Case(_finish(model), kwargs, (1, 7, 9), [("dense", TEXT), ("video", 63), ("dense", 30)])
+
+
+def build_ovis_image():
+    model = _flux_like("OvisImageTransformer2DModel", out_channels=16)
+    return Case(_finish(model), _flux_kwargs(1, 7, 9, pooled=0), (1, 7, 9), [("dense", TEXT), ("video", 63)])
+
+
 # --- HunyuanVideo family ------------------------------------------------------------------------
 _HV_KW = dict(in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=1,
               num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
@@ -508,6 +535,9 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "FluxTransformer2DModel": build_flux,
     "FluxTransformer2DModel/kontext": build_flux_kontext,
     "ChromaTransformer2DModel": build_chroma,
+    "BriaTransformer2DModel": build_bria,
+    "LongCatImageTransformer2DModel/edit": build_longcat_image,
+    "OvisImageTransformer2DModel": build_ovis_image,
     "HunyuanVideoTransformer3DModel": build_hunyuan_video,
     "HunyuanVideo15Transformer3DModel": build_hunyuan_video15,
     "HunyuanVideoFramepackTransformer3DModel": build_hunyuan_framepack,

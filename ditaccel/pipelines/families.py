@@ -12,6 +12,7 @@ from .cosmos import CosmosAdapter
 from .easyanimate import EasyAnimateAdapter
 from .flux import ChromaAdapter, FluxAdapter
 from .flux2 import Flux2Adapter
+from .flux_like import FLUX_LIKE_ADAPTERS
 from .hunyuan_framepack import HunyuanFramepackAdapter
 from .hunyuan_image import HunyuanImageAdapter
 from .hunyuan_video import HunyuanVideoAdapter
@@ -29,5 +30,6 @@ FAMILY_ADAPTERS: tuple[ModelAdapter, ...] = (
     ChromaAdapter(), HeliosAdapter(), HunyuanVideo15Adapter(), HunyuanFramepackAdapter(), ConsisIDAdapter(),
     CogView3PlusAdapter(), CogView4Adapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter(), HunyuanImageAdapter(),
     LTXVideoAdapter(), LTX2Adapter(), MochiAdapter(), CosmosAdapter(), AllegroAdapter(), EasyAnimateAdapter(),
+    *(adapter() for adapter in FLUX_LIKE_ADAPTERS),
     WanDerivedAdapter(),  # last: it also accepts unknown classes with Wan's structure
 )
