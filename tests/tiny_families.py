@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from tiny_pipelines import _seeded, _sharpen_attention
+from tiny_pipelines import _seeded
 
 HEADS, HEAD_DIM = 2, 16
 WIDTH = HEADS * HEAD_DIM
@@ -39,9 +39,28 @@ def _rand(gen, *shape):
     return torch.randn(*shape, generator=gen)
 
 
+Q_GAIN, OUT_GAIN = 4.0, 3.0  # as tiny_pipelines: peaked attention that matters (default init is near uniform)
+
+
+@torch.no_grad()
+def _sharpen_attention(model):
+    for module in model.modules():
+        to_q = getattr(module, "to_q", None)
+        if not isinstance(to_q, torch.nn.Linear):
+            continue
+        norm_q = getattr(module, "norm_q", None)
+        if getattr(norm_q, "weight", None) is not None:
+            norm_q.weight.mul_(Q_GAIN)
+        else:
+            to_q.weight.mul_(Q_GAIN)
+        to_out = getattr(module, "to_out", None)
+        out = to_out[0] if isinstance(to_out, (torch.nn.ModuleList, torch.nn.Sequential)) else to_out
+        if isinstance(out, torch.nn.Linear):
+            out.weight.mul_(OUT_GAIN)
+
+
 def _finish(model):
-    with torch.no_grad():
-        _sharpen_attention(model)
+    _sharpen_attention(model)
     return model.eval().requires_grad_(False)
 
 
@@ -114,6 +133,24 @@ def build_wan_vace():
     kwargs = _wan_inputs()
     g = torch.Generator().manual_seed(7)
     kwargs["control_hidden_states"] = _rand(g, 1, 8, *_WAN_LATENT[2:])
+    return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105)])
+
+
+def build_wan_animate():
+    """Wan-Animate: latents [B, 2C + 4, T + 1, H, W] (pose latents added to frames 1..T), a 16 x 16 face
+    video through the motion encoder; self-attention over the 3 x 5 x 7 video tokens."""
+    from diffusers import WanAnimateTransformer3DModel
+
+    kw = {k: v for k, v in _WAN_KW.items() if k != "in_channels"}
+    with _seeded(0):
+        model = WanAnimateTransformer3DModel(
+            **kw, in_channels=12, latent_channels=4, image_dim=None,
+            motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8}, motion_encoder_size=16, motion_style_dim=8,
+            motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+            inject_face_latents_blocks=1, motion_encoder_batch_size=4)
+    kwargs = _wan_inputs(channels=12)
+    g = torch.Generator().manual_seed(5)
+    kwargs.update(pose_hidden_states=_rand(g, 1, 4, 2, 10, 14), face_pixel_values=_rand(g, 1, 3, 5, 16, 16))
     return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105)])
 
 
@@ -529,6 +566,7 @@ def build_easyanimate():
 BUILDERS: dict[str, Callable[[], Case]] = {
     "WanTransformer3DModel": build_wan,
     "WanVACETransformer3DModel": build_wan_vace,
+    "WanAnimateTransformer3DModel": build_wan_animate,
     "SkyReelsV2Transformer3DModel": build_skyreels_v2,
     "ChronoEditTransformer3DModel": build_chronoedit,
     "HeliosTransformer3DModel": build_helios,
