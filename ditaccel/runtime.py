@@ -244,7 +244,7 @@ class AttentionSite:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(S, device=q.device)
         q, k, v = (x.index_select(1, order) for x in (q, k, v))
-        if attn_mask is not None:
+        if isinstance(attn_mask, torch.Tensor):
             attn_mask = _reorder_mask(attn_mask, order, S)
         out = self._attend(call, q, k, v, attn_mask, scale, lambda: dense().index_select(1, order))
         return out.index_select(1, inverse)
@@ -274,6 +274,9 @@ class AttentionSite:
             self._warn_once(f"sequence of {S} tokens does not match the grid {call.grid} + {call.text_len} text")
             return dense(), "dense", 1.0
         key_valid = None
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # e.g. a model's own BlockMask
+            self._warn_once(f"attention mask is a {type(attn_mask).__name__}, not a tensor")
+            return dense(), "dense", 1.0
         if attn_mask is not None:
             key_valid = rt.key_padding(attn_mask, B, S)
             if key_valid is None:

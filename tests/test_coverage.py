@@ -3,8 +3,6 @@ in README.md, and honest about every adapter (preset source stated, routes named
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from ditaccel.pipelines import ADAPTERS, REFUSED
@@ -43,6 +41,8 @@ def test_new_family_presets_are_conservative_and_say_so():
         assert preset.dense_steps >= 0.2 * steps, adapter.family
 
 
-def test_presets_command_prints_the_table():
-    out = subprocess.run([sys.executable, "-m", "ditaccel", "presets"], capture_output=True, text=True, check=True)
-    assert out.stdout == coverage_markdown()
+def test_presets_command_prints_the_table(capsys):
+    from ditaccel.cli import main
+
+    assert main(["presets"]) == 0
+    assert capsys.readouterr().out == coverage_markdown()

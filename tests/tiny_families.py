@@ -563,6 +563,22 @@ def build_easyanimate():
     return Case(_finish(model), _video_inputs(), _WAN_GRID, [("dense", TEXT), ("video", 105)])
 
 
+def build_kandinsky5():
+    """Kandinsky 5: channels-last latents [B, T, H, W, C]."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    with _seeded(0):
+        model = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=16, time_dim=16,
+                                             out_visual_dim=4, patch_size=(1, 2, 2), model_dim=WIDTH, ff_dim=64,
+                                             num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6))
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=_rand(g, 1, 3, 10, 14, 4), encoder_hidden_states=_rand(g, 1, TEXT, TEXT_DIM),
+                  timestep=torch.tensor([500.0]), pooled_projections=_rand(g, 1, 16),
+                  visual_rope_pos=[torch.arange(3), torch.arange(5), torch.arange(7)], text_rope_pos=torch.arange(TEXT),
+                  return_dict=False)
+    return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105)], output=lambda out: out)
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
     "WanTransformer3DModel": build_wan,
     "WanVACETransformer3DModel": build_wan_vace,
@@ -594,4 +610,5 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "CosmosTransformer3DModel": build_cosmos,
     "AllegroTransformer3DModel": build_allegro,
     "EasyAnimateTransformer3DModel": build_easyanimate,
+    "Kandinsky5Transformer3DModel": build_kandinsky5,
 }

@@ -17,6 +17,7 @@ from .hunyuan_framepack import HunyuanFramepackAdapter
 from .hunyuan_image import HunyuanImageAdapter
 from .hunyuan_video import HunyuanVideoAdapter
 from .hunyuan_video15 import HunyuanVideo15Adapter
+from .kandinsky5 import Kandinsky5Adapter
 from .ltx import LTXVideoAdapter
 from .ltx2 import LTX2Adapter
 from .mochi import MochiAdapter
@@ -30,6 +31,6 @@ FAMILY_ADAPTERS: tuple[ModelAdapter, ...] = (
     ChromaAdapter(), HeliosAdapter(), HunyuanVideo15Adapter(), HunyuanFramepackAdapter(), ConsisIDAdapter(),
     CogView3PlusAdapter(), CogView4Adapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter(), HunyuanImageAdapter(),
     LTXVideoAdapter(), LTX2Adapter(), MochiAdapter(), CosmosAdapter(), AllegroAdapter(), EasyAnimateAdapter(),
-    *(adapter() for adapter in FLUX_LIKE_ADAPTERS),
+    Kandinsky5Adapter(), *(adapter() for adapter in FLUX_LIKE_ADAPTERS),
     WanDerivedAdapter(),  # last: it also accepts unknown classes with Wan's structure
 )
