@@ -68,6 +68,7 @@ class StepHook(ModelHook):
         self.runtime.begin(CallInfo(
             grid=facts.grid, text_len=facts.text_len, text_position=facts.text_position or self.adapter.text_position,
             batch=facts.batch, step=state.step, branch=branch, token_order=facts.token_order,
+            dense_reason=facts.dense_reason,
         ))
         try:
             return self.fn_ref.original_forward(*args, **kwargs)

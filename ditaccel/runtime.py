@@ -35,6 +35,7 @@ class CallInfo:
     step: int
     branch: str
     token_order: object = None  # model positions in planning order, or a function of the length (CallFacts)
+    dense_reason: str = ""  # non-empty: the adapter cannot plan this forward (CallFacts)
 
     @property
     def seq_len(self) -> int:
@@ -224,6 +225,9 @@ class AttentionSite:
         call = rt.current
         if call is None:
             self._warn_once("called outside a hooked transformer forward")
+            return dense()
+        if call.dense_reason:
+            self._warn_once(call.dense_reason)
             return dense()
         S = q.shape[1]
         if call.text_len is None:  # the adapter left the dense span to the call: all beyond the grid

@@ -105,3 +105,16 @@ def test_plan_equals_brute_force_mask(name, monkeypatch):
         got = out.double().transpose(1, 2)
         err = (got - expected)[rows].abs().max()
         assert err <= 1e-4 * expected[rows].abs().max(), float(err)
+
+
+def test_lumina2_unequal_caption_lengths_run_the_models_attention():
+    """Samples whose image tokens sit at different offsets: the adapter asks for dense, the output is
+    the model's own."""
+    from tiny_families import build_lumina2
+
+    case = build_lumina2(mask=torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]))
+    ref = case.run()
+    with pytest.warns(UserWarning, match="caption lengths differ"):
+        with ditaccel.accelerate(case.model, "window", kernel_size=KERNEL_IMAGE, block_size=64):
+            out = case.run()
+    assert torch.equal(out, ref)

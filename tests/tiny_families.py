@@ -579,6 +579,23 @@ def build_kandinsky5():
     return Case(_finish(model), kwargs, _WAN_GRID, [("video", 105)], output=lambda out: out)
 
 
+def build_lumina2(mask=None):
+    """Lumina 2: [valid caption, image] in the main layers, the image alone in the noise refiner."""
+    from diffusers import Lumina2Transformer2DModel
+
+    with _seeded(0):
+        model = Lumina2Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, hidden_size=WIDTH,
+                                          num_layers=1, num_refiner_layers=1, num_attention_heads=HEADS, num_kv_heads=1,
+                                          multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32),
+                                          cap_feat_dim=TEXT_DIM)
+    mask = _TEXT_MASK if mask is None else mask
+    g = torch.Generator().manual_seed(1)
+    B = mask.shape[0]
+    kwargs = dict(hidden_states=_rand(g, B, 4, 14, 18), timestep=torch.tensor([0.5] * B),
+                  encoder_hidden_states=_rand(g, B, TEXT, TEXT_DIM), encoder_attention_mask=mask, return_dict=False)
+    return Case(_finish(model), kwargs, (1, 7, 9), [[("dense", 4), ("video", 63)], [("video", 63)]])
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
     "WanTransformer3DModel": build_wan,
     "WanVACETransformer3DModel": build_wan_vace,
@@ -611,4 +628,5 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "AllegroTransformer3DModel": build_allegro,
     "EasyAnimateTransformer3DModel": build_easyanimate,
     "Kandinsky5Transformer3DModel": build_kandinsky5,
+    "Lumina2Transformer2DModel": build_lumina2,
 }

@@ -27,7 +27,9 @@ class CallFacts:
     ``text_position``: overrides the adapter's for this forward. ``token_order``: when the dense tokens
     are not one run before or after the grid's (e.g. [text, image, context image]), the model's
     sequence positions listed in the order ditaccel plans in (the dense run first for ``prefix``,
-    last for ``suffix``); attention calls are permuted into it and back.
+    last for ``suffix``); attention calls are permuted into it and back (a function of the call's
+    length when a run's length is only known there). ``dense_reason``: why this forward must run the
+    model's own attention (e.g. samples whose grids sit at different offsets).
     """
 
     grid: tuple[int, int, int]
@@ -36,6 +38,7 @@ class CallFacts:
     timestep: float | None
     text_position: str | None = None
     token_order: torch.Tensor | None = None
+    dense_reason: str = ""  # non-empty: this forward's layout cannot be planned; its attention runs dense
 
 
 class ModelAdapter:

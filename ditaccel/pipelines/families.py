@@ -20,6 +20,7 @@ from .hunyuan_video15 import HunyuanVideo15Adapter
 from .kandinsky5 import Kandinsky5Adapter
 from .ltx import LTXVideoAdapter
 from .ltx2 import LTX2Adapter
+from .lumina2 import Lumina2Adapter
 from .mochi import MochiAdapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
@@ -31,6 +32,6 @@ FAMILY_ADAPTERS: tuple[ModelAdapter, ...] = (
     ChromaAdapter(), HeliosAdapter(), HunyuanVideo15Adapter(), HunyuanFramepackAdapter(), ConsisIDAdapter(),
     CogView3PlusAdapter(), CogView4Adapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter(), HunyuanImageAdapter(),
     LTXVideoAdapter(), LTX2Adapter(), MochiAdapter(), CosmosAdapter(), AllegroAdapter(), EasyAnimateAdapter(),
-    Kandinsky5Adapter(), *(adapter() for adapter in FLUX_LIKE_ADAPTERS),
+    Kandinsky5Adapter(), Lumina2Adapter(), *(adapter() for adapter in FLUX_LIKE_ADAPTERS),
     WanDerivedAdapter(),  # last: it also accepts unknown classes with Wan's structure
 )
