@@ -596,6 +596,22 @@ def build_lumina2(mask=None):
     return Case(_finish(model), kwargs, (1, 7, 9), [[("dense", 4), ("video", 63)], [("video", 63)]])
 
 
+def build_z_image():
+    """Z-Image: list inputs; [63 image tokens, 1 image pad (to 64), 6 caption tokens + 26 pads (to 32)] in the
+    main layers, [63 image tokens, 1 pad] in the noise refiner."""
+    from diffusers import ZImageTransformer2DModel
+
+    with _seeded(0):
+        model = ZImageTransformer2DModel(in_channels=4, dim=WIDTH, n_layers=1, n_refiner_layers=1, n_heads=HEADS,
+                                         n_kv_heads=HEADS, cap_feat_dim=TEXT_DIM, axes_dims=[4, 6, 6],
+                                         axes_lens=[64, 32, 32])
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(x=[_rand(g, 4, 1, 14, 18)], t=torch.tensor([0.5]), cap_feats=[_rand(g, TEXT, TEXT_DIM)],
+                  return_dict=False)
+    return Case(_finish(model), kwargs, (1, 7, 9), [[("video", 63), ("dense", 1 + 32)], [("video", 63), ("dense", 1)]],
+                output=lambda out: torch.stack(out[0]))
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
     "WanTransformer3DModel": build_wan,
     "WanVACETransformer3DModel": build_wan_vace,
@@ -629,4 +645,5 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "EasyAnimateTransformer3DModel": build_easyanimate,
     "Kandinsky5Transformer3DModel": build_kandinsky5,
     "Lumina2Transformer2DModel": build_lumina2,
+    "ZImageTransformer2DModel": build_z_image,
 }

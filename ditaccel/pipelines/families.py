@@ -25,6 +25,7 @@ from .mochi import MochiAdapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .wan import WanAdapter
+from .z_image import ZImageAdapter
 from .wan_derived import HeliosAdapter, WanDerivedAdapter
 
 FAMILY_ADAPTERS: tuple[ModelAdapter, ...] = (
@@ -32,6 +33,6 @@ FAMILY_ADAPTERS: tuple[ModelAdapter, ...] = (
     ChromaAdapter(), HeliosAdapter(), HunyuanVideo15Adapter(), HunyuanFramepackAdapter(), ConsisIDAdapter(),
     CogView3PlusAdapter(), CogView4Adapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter(), HunyuanImageAdapter(),
     LTXVideoAdapter(), LTX2Adapter(), MochiAdapter(), CosmosAdapter(), AllegroAdapter(), EasyAnimateAdapter(),
-    Kandinsky5Adapter(), Lumina2Adapter(), *(adapter() for adapter in FLUX_LIKE_ADAPTERS),
+    Kandinsky5Adapter(), Lumina2Adapter(), ZImageAdapter(), *(adapter() for adapter in FLUX_LIKE_ADAPTERS),
     WanDerivedAdapter(),  # last: it also accepts unknown classes with Wan's structure
 )
