@@ -612,6 +612,24 @@ def build_z_image():
                 output=lambda out: torch.stack(out[0]))
 
 
+def build_hidream():
+    """HiDream-I1: text = 6 T5 tokens + 4 tokens of a Llama layer (a different layer per block)."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    with _seeded(0):
+        model = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                               num_single_layers=1, attention_head_dim=HEAD_DIM,
+                                               num_attention_heads=HEADS, caption_channels=[TEXT_DIM, TEXT_DIM],
+                                               text_emb_dim=16, num_routed_experts=2, num_activated_experts=1,
+                                               axes_dims_rope=(4, 6, 6), max_resolution=(16, 16), llama_layers=[0, 1])
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=_rand(g, 1, 4, 14, 14), timesteps=torch.tensor([500]),
+                  encoder_hidden_states_t5=_rand(g, 1, TEXT, TEXT_DIM),
+                  encoder_hidden_states_llama3=_rand(g, 2, 1, 4, TEXT_DIM), pooled_embeds=_rand(g, 1, 16),
+                  return_dict=False)
+    return Case(_finish(model), kwargs, (1, 7, 7), [("video", 49), ("dense", TEXT + 4 + 4)])
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
     "WanTransformer3DModel": build_wan,
     "WanVACETransformer3DModel": build_wan_vace,
@@ -646,4 +664,5 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "Kandinsky5Transformer3DModel": build_kandinsky5,
     "Lumina2Transformer2DModel": build_lumina2,
     "ZImageTransformer2DModel": build_z_image,
+    "HiDreamImageTransformer2DModel": build_hidream,
 }

@@ -13,6 +13,7 @@ from .easyanimate import EasyAnimateAdapter
 from .flux import ChromaAdapter, FluxAdapter
 from .flux2 import Flux2Adapter
 from .flux_like import FLUX_LIKE_ADAPTERS
+from .hidream import HiDreamAdapter
 from .hunyuan_framepack import HunyuanFramepackAdapter
 from .hunyuan_image import HunyuanImageAdapter
 from .hunyuan_video import HunyuanVideoAdapter
@@ -33,6 +34,6 @@ FAMILY_ADAPTERS: tuple[ModelAdapter, ...] = (
     ChromaAdapter(), HeliosAdapter(), HunyuanVideo15Adapter(), HunyuanFramepackAdapter(), ConsisIDAdapter(),
     CogView3PlusAdapter(), CogView4Adapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter(), HunyuanImageAdapter(),
     LTXVideoAdapter(), LTX2Adapter(), MochiAdapter(), CosmosAdapter(), AllegroAdapter(), EasyAnimateAdapter(),
-    Kandinsky5Adapter(), Lumina2Adapter(), ZImageAdapter(), *(adapter() for adapter in FLUX_LIKE_ADAPTERS),
+    Kandinsky5Adapter(), Lumina2Adapter(), ZImageAdapter(), HiDreamAdapter(), *(adapter() for adapter in FLUX_LIKE_ADAPTERS),
     WanDerivedAdapter(),  # last: it also accepts unknown classes with Wan's structure
 )
