@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import ADAPTERS, REFUSED
-
 ROUTES = {
     "dispatch": "diffusers backend, per processor",
     "dispatch-active": "diffusers active backend, per module call",
@@ -30,7 +28,11 @@ def _cell(text: str) -> str:
     return (text or "—").replace("|", "\\|")
 
 
-def coverage_markdown(adapters=ADAPTERS) -> str:
+def coverage_markdown(adapters=None) -> str:
+    """The table (markdown) for ``adapters`` (default: the registry's), and the refused classes."""
+    from .registry import ADAPTERS, REFUSED
+
+    adapters = ADAPTERS if adapters is None else adapters
     rows = ["| family | transformer classes | text in self-attention | other tokens | attention intercepted by | "
             "preset | preset source |",
             "|---|---|---|---|---|---|---|"]
@@ -48,6 +50,7 @@ def coverage_markdown(adapters=ADAPTERS) -> str:
 
 
 def add_parser(subparsers):
+    """Register ``presets`` (imports nothing heavy: the registry loads when the command runs)."""
     p = subparsers.add_parser("presets", help="the model-coverage table: families, classes, presets and their sources",
                               description="Print the model-coverage table (markdown) generated from the adapter "
                                           "registry: family, transformer classes, text position, other tokens, "
