@@ -19,7 +19,7 @@ _EXPORTS = {
     "accelerate": ".handle", "AccelerationHandle": ".handle", "AttentionConfig": ".config",
     "METHODS": ".methods", "DenseConfig": ".methods", "WindowConfig": ".methods", "TileConfig": ".methods",
     "RadialConfig": ".methods", "TopKConfig": ".methods", "XAttnConfig": ".methods", "HeadsConfig": ".methods",
-    "ClusterConfig": ".methods", "SUPPORTED_FAMILIES": ".pipelines", "evaluate": ".eval",
+    "ClusterConfig": ".methods", "SUPPORTED_FAMILIES": ".pipelines", "ModelSpec": ".pipelines", "evaluate": ".eval",
 }
 _MODULES = ("metrics", "eval", "methods", "pipelines", "kernels")
 

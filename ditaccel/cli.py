@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _common(add_bench_parser(sub))
     _common(add_demo_parser(sub))
+    from .pipelines.coverage import add_parser as add_presets_parser
+    _common(add_presets_parser(sub))
     return parser
 
 

@@ -128,7 +128,7 @@ def _snapshot_module(module: torch.nn.Module):
     return undo
 
 
-def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -> AccelerationHandle:
+def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, **overrides) -> AccelerationHandle:
     """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
 
     Args:
@@ -137,6 +137,8 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -
         method: None for the preset (the family's, or the embedded pipeline's own), a method name
             (one of ``ditaccel.METHODS``; ``ditaccel methods`` lists their knobs) or a config
             instance such as ``ditaccel.TileConfig(window=(3, 3, 3))``.
+        model: a ``ditaccel.ModelSpec`` describing a transformer no adapter knows (which modules are
+            its self-attention, the token grid, the text span); it replaces the adapter lookup.
         **overrides: that config's fields, e.g. ``window=(3, 3, 3), dense_steps=2``.
 
     Returns:
@@ -144,16 +146,17 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -
         ``reset_stats()``, ``remove()`` (the pipeline back, bit-identical), and a context manager.
 
     Raises:
-        ValueError: an unsupported model (the message lists the supported families), an unknown
-            method or field, a value out of range (the message names the field, the value and what
-            is allowed), or a pipeline that is already accelerated. Nothing is changed then.
+        ValueError: an unsupported model (the message lists the supported families and names
+            ``ModelSpec``), a bad ``ModelSpec`` or one that matches no module, an unknown method or
+            field, a value out of range (the message names the field, the value and what is
+            allowed), or a pipeline that is already accelerated. Nothing is changed then.
 
     Example:
         >>> handle = ditaccel.accelerate(pipe, "tile", window=(3, 3, 3), dense_steps=2)  # doctest: +SKIP
         >>> video = pipe(prompt, num_inference_steps=20).frames[0]  # doctest: +SKIP
         >>> handle.stats()["mean_density"], handle.remove()  # doctest: +SKIP
     """
-    adapter = find_adapter(pipe)
+    adapter = find_adapter(pipe, model)
     config = resolve_config(adapter, method, overrides, pipe)
     transformers = adapter.transformers(pipe)
     if not transformers:
@@ -172,13 +175,15 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -
         sites = []
         for name, layer, module in adapter.self_attention_modules(transformer):
             processor = getattr(module, "processor", None)
-            if processor is None:
+            if processor is None and not adapter.accepts_plain_modules:
                 raise ValueError(f"{attr}.{name} ({type(module).__name__}) has no attention processor to intercept")
-            sites.append((name, layer, module, processor, processor_kind(processor)))
+            kind = ProcessorKind.SDPA if processor is None else processor_kind(processor)
+            sites.append((name, layer, module, processor, kind))
         if not sites:
             raise ValueError(f"found no self-attention modules in {attr} ({type(transformer).__name__})")
         work.append((attr, transformer, sites))
-    member = backend_member() if any(s[4] is ProcessorKind.DISPATCH for w in work for s in w[2]) else None
+    dispatching = (ProcessorKind.DISPATCH, ProcessorKind.DISPATCH_ACTIVE)
+    member = backend_member() if any(s[4] in dispatching for w in work for s in w[2]) else None
 
     handle = AccelerationHandle(pipe, adapter, config)
     method_impl = make_method(config)
@@ -192,7 +197,8 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -
                 original = getattr(processor, "_attention_backend", None)
                 site = AttentionSite(runtime, layer, f"{attr}.{name}", original_backend=original)
                 handle._undo.append(_snapshot_module(module))
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(AttentionHook(site, kind), ATTENTION_HOOK)
+                hook = AttentionHook(site, kind, member)
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, ATTENTION_HOOK)
                 if kind is ProcessorKind.DISPATCH:
                     handle._undo.append(_restore_attr(processor, "_attention_backend"))
                     processor._attention_backend = member

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
-from .intercept import ProcessorKind, SDPAIntercept, current_site
+from .intercept import ProcessorKind, SDPAIntercept, active_backend, current_site
 from .runtime import AttentionSite, CallInfo, TransformerRuntime
 
 STEP_HOOK = "ditaccel_step"
@@ -66,8 +66,9 @@ class StepHook(ModelHook):
         state.last_timestep = t
         state.shape = shape
         self.runtime.begin(CallInfo(
-            grid=facts.grid, text_len=facts.text_len, text_position=self.adapter.text_position,
-            batch=facts.batch, step=state.step, branch=branch,
+            grid=facts.grid, text_len=facts.text_len, text_position=facts.text_position or self.adapter.text_position,
+            batch=facts.batch, step=state.step, branch=branch, token_order=facts.token_order,
+            dense_reason=facts.dense_reason,
         ))
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -81,16 +82,20 @@ class StepHook(ModelHook):
 
 
 class AttentionHook(ModelHook):
-    def __init__(self, site: AttentionSite, kind: ProcessorKind):
+    def __init__(self, site: AttentionSite, kind: ProcessorKind, member=None):
         super().__init__()
         self.site = site
         self.kind = kind
+        self.member = member  # our backend's AttentionBackendName member (DISPATCH_ACTIVE only)
 
     def new_forward(self, module, *args, **kwargs):
         token = current_site.set(self.site)
         try:
             if self.kind is ProcessorKind.SDPA:
                 with SDPAIntercept(self.site):
+                    return self.fn_ref.original_forward(*args, **kwargs)
+            if self.kind is ProcessorKind.DISPATCH_ACTIVE:
+                with active_backend(self.site, self.member):
                     return self.fn_ref.original_forward(*args, **kwargs)
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:

@@ -14,6 +14,7 @@ parallel) goes to the attention the model would have used.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import inspect
@@ -107,12 +108,36 @@ class SDPAIntercept(TorchFunctionMode):
 
 class ProcessorKind(str, enum.Enum):
     DISPATCH = "dispatch"
+    DISPATCH_ACTIVE = "dispatch-active"
     SDPA = "sdpa"
 
 
 def processor_kind(processor) -> ProcessorKind:
-    """How a diffusers processor computes attention, read from the processor itself."""
+    """How a diffusers processor computes attention, read from the processor itself.
+
+    A processor with an ``_attention_backend`` attribute passes it to ``dispatch_attention_fn``; one
+    without it that still calls ``dispatch_attention_fn`` (Cosmos) uses diffusers' *active* backend,
+    which a per-processor setting cannot reach; anything else is taken to call SDPA itself.
+    """
     if hasattr(processor, "_attention_backend"):
         return ProcessorKind.DISPATCH
+    call = getattr(type(processor), "__call__", None)
+    if "dispatch_attention_fn" in getattr(getattr(call, "__code__", None), "co_names", ()):
+        return ProcessorKind.DISPATCH_ACTIVE
     return ProcessorKind.SDPA
+
+
+@contextlib.contextmanager
+def active_backend(site, member):
+    """Make our backend diffusers' active one for one module's forward; the backend that was active
+    is what a dense call of ``site`` falls back to (and is active again afterwards)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry._active_backend
+    site.original_backend = previous
+    _AttentionBackendRegistry.set_active_backend(member)
+    try:
+        yield
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
 

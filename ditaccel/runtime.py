@@ -9,6 +9,7 @@ attention time and, on request, the error against dense attention in ``Stats``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections import defaultdict
@@ -34,6 +35,8 @@ class CallInfo:
     batch: int
     step: int
     branch: str
+    token_order: object = None  # model positions in planning order, or a function of the length (CallFacts)
+    dense_reason: str = ""  # non-empty: the adapter cannot plan this forward (CallFacts)
 
     @property
     def seq_len(self) -> int:
@@ -221,6 +224,35 @@ class AttentionSite:
         if call is None:
             self._warn_once("called outside a hooked transformer forward")
             return dense()
+        if call.dense_reason:
+            self._warn_once(call.dense_reason)
+            return dense()
+        S = q.shape[1]
+        if call.text_len is None:  # the adapter left the dense span to the call: all beyond the grid
+            T, H_, W = call.grid
+            call = dataclasses.replace(call, text_len=max(S - T * H_ * W, 0))
+        order = call.token_order
+        if callable(order):  # the order depends on the call's length (a prefix of unknown length)
+            order = order(S) if S >= call.grid[0] * call.grid[1] * call.grid[2] else None
+            if order is None:
+                return self._attend(call, q, k, v, attn_mask, scale, dense)  # too short: the checks go dense
+        if order is None:
+            return self._attend(call, q, k, v, attn_mask, scale, dense)
+        if order.numel() != S or k.shape[1] != S:
+            self._warn_once(f"sequence of {S} tokens does not match the adapter's token order of {order.numel()}")
+            return dense()
+        # Extra dense tokens on both sides of the grid's: plan in the order that makes them one run.
+        order = order.to(q.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(S, device=q.device)
+        q, k, v = (x.index_select(1, order) for x in (q, k, v))
+        if isinstance(attn_mask, torch.Tensor):
+            attn_mask = _reorder_mask(attn_mask, order, S)
+        out = self._attend(call, q, k, v, attn_mask, scale, lambda: dense().index_select(1, order))
+        return out.index_select(1, inverse)
+
+    def _attend(self, call, q, k, v, attn_mask, scale, dense):
+        rt = self.runtime
         B, S, H, D = q.shape
         key = (rt.name, self.layer, call.step, call.branch)
         if rt.observer is not None:
@@ -244,6 +276,9 @@ class AttentionSite:
             self._warn_once(f"sequence of {S} tokens does not match the grid {call.grid} + {call.text_len} text")
             return dense(), "dense", 1.0
         reading = MaskReading()
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # e.g. a model's own BlockMask
+            self._warn_once(f"attention mask is a {type(attn_mask).__name__}, not a tensor")
+            return dense(), "dense", 1.0
         if attn_mask is not None:
             reading = rt.read_mask(attn_mask, B, H, S)
             if reading.fallback is not None:
@@ -258,6 +293,15 @@ class AttentionSite:
         executor = PlanExecutor(q, k, v, reading.key_valid, scale, rt.method.config.backend, rt.stats.count_backend,
                                 row_live=reading.row_live)
         return rt.caches.run(ctx, q, k, executor, dense)
+
+
+def _reorder_mask(mask: torch.Tensor, order: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """An attention mask in the model's order -> in planning order (its key and query axes)."""
+    if mask.shape[-1] == seq_len:
+        mask = mask.index_select(-1, order)
+    if mask.dim() >= 2 and mask.shape[-2] == seq_len:
+        mask = mask.index_select(-2, order)
+    return mask
 
 
 class PlanExecutor:

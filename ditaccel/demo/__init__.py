@@ -17,7 +17,11 @@ import importlib.util
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
+
+if TYPE_CHECKING:
+    from .session import DemoSession
 
 logger = logging.getLogger(__name__)
 

@@ -1,37 +1,31 @@
-"""Model adapters, one file per diffusers family, and the registry that picks one."""
+"""Model adapters, one file per diffusers family (:mod:`.families` lists them), the registry that
+picks one (:mod:`.registry`), the ``ModelSpec`` escape hatch (:mod:`.spec`) and the coverage table
+(:mod:`.coverage`).
+
+Names are imported on first use (PEP 562), so ``ditaccel.pipelines.coverage``'s command-line parser
+can be built without importing torch or diffusers.
+"""
 
 from __future__ import annotations
 
-import torch
+import importlib
 
-from .base import CallFacts, ModelAdapter
-from .cogvideox import CogVideoXAdapter
-from .flux import FluxAdapter
-from .hunyuan_video import HunyuanVideoAdapter
-from .wan import WanAdapter
-
-ADAPTERS: tuple[ModelAdapter, ...] = (WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter(), FluxAdapter())
-SUPPORTED_FAMILIES = {a.family: a.transformer_classes for a in ADAPTERS}
+_EXPORTS = {
+    "ADAPTERS": ".registry", "REFUSED": ".registry", "SUPPORTED_FAMILIES": ".registry", "find_adapter": ".registry",
+    "CallFacts": ".base", "ModelAdapter": ".base", "ModelSpec": ".spec",
+}
 
 
-def _candidates(obj) -> list[torch.nn.Module]:
-    if isinstance(obj, torch.nn.Module):
-        return [obj]
-    return [m for m in (getattr(obj, a, None) for a in ("transformer", "transformer_2")) if isinstance(m, torch.nn.Module)]
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
 
 
-def find_adapter(obj) -> ModelAdapter:
-    """The adapter for a pipeline or a bare transformer, or a ValueError listing what is supported."""
-    for model in _candidates(obj):
-        for adapter in ADAPTERS:
-            if adapter.matches(model):
-                return adapter
-    what = type(obj).__name__
-    inner = [type(m).__name__ for m in _candidates(obj) if m is not obj]
-    if inner:
-        what += f" (transformer: {', '.join(inner)})"
-    supported = "; ".join(f"{family}: {', '.join(classes)}" for family, classes in SUPPORTED_FAMILIES.items())
-    raise ValueError(f"unsupported model {what}; ditaccel supports these families — {supported}")
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = ["ADAPTERS", "SUPPORTED_FAMILIES", "CallFacts", "ModelAdapter", "find_adapter"]
+__all__ = sorted(_EXPORTS)

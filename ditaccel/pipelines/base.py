@@ -20,10 +20,25 @@ from ..config import AttentionConfig
 
 @dataclass(frozen=True)
 class CallFacts:
+    """One transformer forward as its self-attention will see it.
+
+    ``text_len``: the dense tokens beside the grid's (text, and extra tokens such as a context image
+    or history latents); ``None`` leaves it to each attention call: every token beyond the grid's.
+    ``text_position``: overrides the adapter's for this forward. ``token_order``: when the dense tokens
+    are not one run before or after the grid's (e.g. [text, image, context image]), the model's
+    sequence positions listed in the order ditaccel plans in (the dense run first for ``prefix``,
+    last for ``suffix``); attention calls are permuted into it and back (a function of the call's
+    length when a run's length is only known there). ``dense_reason``: why this forward must run the
+    model's own attention (e.g. samples whose grids sit at different offsets).
+    """
+
     grid: tuple[int, int, int]
-    text_len: int
+    text_len: int | None
     batch: int
     timestep: float | None
+    text_position: str | None = None
+    token_order: torch.Tensor | None = None
+    dense_reason: str = ""  # non-empty: this forward's layout cannot be planned; its attention runs dense
 
 
 class ModelAdapter:
@@ -31,6 +46,17 @@ class ModelAdapter:
     transformer_classes: tuple[str, ...] = ()
     pipeline_attrs: tuple[str, ...] = ("transformer",)
     text_position: str = "none"
+    preset_source: str = ""
+    """Where the preset comes from (paper or repository and its configuration, or "not yet calibrated")."""
+    attention_route: str = "dispatch"
+    """How its self-attention product is intercepted, as ``intercept.processor_kind`` finds it:
+    "dispatch" (our diffusers backend set on each processor), "dispatch-active" (the processor calls
+    ``dispatch_attention_fn`` without a backend of its own: ours is made active around the module),
+    "sdpa" (a TorchFunctionMode around ``F.scaled_dot_product_attention``)."""
+    tokens_note: str = ""
+    """What else shares the self-attention sequence besides the grid and the text, and how it is kept."""
+    accepts_plain_modules: bool = False
+    """Whether attention modules without a diffusers processor may be intercepted (SDPA route)."""
 
     # --- finding things -------------------------------------------------------------------------
     def matches(self, transformer: torch.nn.Module) -> bool:
@@ -96,3 +122,38 @@ def blocks(transformer, attr_paths: tuple[tuple[str, str], ...]) -> list[tuple[s
             if module is not None:
                 found.append((f"{list_name}.{i}.{attn_attr}", len(found), module))
     return found
+
+
+CONSERVATIVE_DENSE_FRACTION = 0.2
+CONSERVATIVE_TOPK = 0.3
+
+
+def conservative_preset(typical_steps: int) -> AttentionConfig:
+    """The preset of a family nobody has calibrated yet: ``topk`` keeping 30% of the key blocks (plan
+    density >= 0.3; text and extra tokens stay dense on top) after the first 20% of the family
+    pipeline's default step count run dense (a count, rounded up)."""
+    from ..methods import TopKConfig
+
+    return TopKConfig(topk=CONSERVATIVE_TOPK, dense_steps=-(-typical_steps // 5))
+
+
+def conservative_source(typical_steps: int) -> str:
+    n = -(-typical_steps // 5)
+    return (f"not yet calibrated: conservative choice, topk={CONSERVATIVE_TOPK} (density >= 0.3), first {n} "
+            f"of the pipeline's default {typical_steps} steps dense (20%)")
+
+
+def dense_runs_first(before: int, n_video: int, after: int) -> torch.Tensor:
+    """Token order for a sequence [before, grid, after] with both dense runs planned as one prefix:
+    the ``before`` tokens, then the ``after`` ones, then the grid's."""
+    S = before + n_video + after
+    return torch.cat([torch.arange(before), torch.arange(before + n_video, S), torch.arange(before, before + n_video)])
+
+
+def dense_after_prefix(n_video: int, after: int):
+    """Token order for [prefix of unknown length, grid, ``after`` tokens]: a function of the attention
+    call's length (the prefix is what is left), planning both dense runs as one prefix."""
+    def order(seq_len: int) -> torch.Tensor:
+        return dense_runs_first(seq_len - n_video - after, n_video, after)
+
+    return order

@@ -16,6 +16,7 @@ class CogVideoXAdapter(ModelAdapter):
     family = "cogvideox"
     transformer_classes = ("CogVideoXTransformer3DModel",)
     text_position = "prefix"
+    attention_route = "sdpa"
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn1"),))

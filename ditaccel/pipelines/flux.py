@@ -1,21 +1,28 @@
-"""Flux (``FluxPipeline``, ...): ``FluxTransformer2DModel``, an image model (grid T = 1).
+"""Flux (``FluxPipeline``, ``FluxKontextPipeline``, ...): ``FluxTransformer2DModel``, and Chroma
+(``ChromaPipeline``): ``ChromaTransformer2DModel``, the same layout. Image models (grid T = 1).
 
 Joint attention over [text tokens, image tokens] (text prefix) in the double-stream blocks
 (``transformer_blocks.i.attn``) and the single-stream blocks (``single_transformer_blocks.i.attn``).
-Latents arrive packed as [B, S, C]; the (H, W) token grid is read from ``img_ids``
-(rows of (0, row, col)).
+Latents arrive packed as [B, S, C]; ``img_ids`` has a row (i, row, col) per image token: i = 0 for
+the image being generated, i >= 1 for Kontext's context image (appended after it, possibly at
+another size). The (H, W) grid is that of the i = 0 rows; the context-image tokens are kept as
+dense extra keys and queries, planned as one dense run with the text (their own grid is not used).
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..methods import TileConfig
-from .base import CallFacts, ModelAdapter, blocks
+from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source, dense_runs_first
 
 
 class FluxAdapter(ModelAdapter):
     family = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
     text_position = "prefix"
+    attention_route = "dispatch"
+    tokens_note = "Kontext context-image tokens after the image: dense extra tokens"
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")))
@@ -25,12 +32,12 @@ class FluxAdapter(ModelAdapter):
         x = a["hidden_states"]
         ids = a["img_ids"]
         ids = ids[0] if ids.dim() == 3 else ids
-        H = int(ids[:, 1].max().item()) + 1
-        W = int(ids[:, 2].max().item()) + 1
-        if H * W != x.shape[1]:
-            raise ValueError(f"Flux img_ids describe a {H}x{W} grid but hidden_states has {x.shape[1]} tokens")
+        grid, n_image = image_grid_from_ids(ids, x.shape[1])
         text_len = a["encoder_hidden_states"].shape[1]
-        return CallFacts((1, H, W), text_len, x.shape[0], self.scalar_timestep(a.get("timestep")))
+        extra = x.shape[1] - n_image
+        order = dense_runs_first(text_len, n_image, extra) if extra else None
+        return CallFacts(grid, text_len + extra, x.shape[0], self.scalar_timestep(a.get("timestep")),
+                         token_order=order)
 
     def preset(self):
         return TileConfig(window=(1, 5, 5), dense_steps=1)
@@ -40,4 +47,36 @@ class FluxAdapter(ModelAdapter):
             return {"kernel_size": (1, 9, 9)}
         if method == "tile":
             return {"window": (1, 5, 5)}
+        return {}
+
+
+def image_grid_from_ids(ids: torch.Tensor, num_tokens: int) -> tuple[tuple[int, int, int], int]:
+    """(1, H, W) of the generated image and its token count, from position ids [S, 3] whose first
+    column is 0 on the generated image's rows (which come first, in raster order)."""
+    if ids.shape[0] != num_tokens:
+        raise ValueError(f"img_ids has {ids.shape[0]} rows but hidden_states has {num_tokens} tokens")
+    target = ids[:, 0] == ids[0, 0]
+    n = int(target.sum().item())
+    if not bool(target[:n].all()):
+        raise ValueError("img_ids: the generated image's rows are not one run at the start of the sequence")
+    rows = ids[:n, 1]
+    cols = ids[:n, 2]
+    H = int(rows.max().item() - rows.min().item()) + 1
+    W = int(cols.max().item() - cols.min().item()) + 1
+    if H * W != n:
+        raise ValueError(f"img_ids describe a {H}x{W} grid but the generated image has {n} tokens")
+    return (1, H, W), n
+
+
+class ChromaAdapter(FluxAdapter):
+    family = "chroma"
+    transformer_classes = ("ChromaTransformer2DModel",)
+    tokens_note = ""
+
+    preset_source = conservative_source(35)
+
+    def preset(self):
+        return conservative_preset(35)
+
+    def method_defaults(self, method):
         return {}
