@@ -4,14 +4,16 @@ A request is checked, before the pipeline runs at all, against
 
 - the prompt: text of at most :attr:`Limits.max_prompt_chars` characters that encodes as UTF-8
   (a lone surrogate, which JSON can carry, makes the tokenizers library raise a ``TypeError``);
+- the size (before the frame count, so a huge request is told that first):
+
+  - the work: latent tokens (``T x H x W`` of the latent grid, frames included) x steps, against
+    :attr:`Limits.max_token_steps`;
+  - the memory: an estimate from the latent grid and the pixel count (:func:`estimate_bytes`)
+    against :attr:`Limits.max_memory_bytes`, by default a fraction of what the device has free now
+    (CPU: the available RAM; CUDA: free memory plus what torch's allocator caches);
 - the frame count: video pipelines whose VAE compresses time ``k`` x (``vae_scale_factor_temporal``,
   4 for Wan and HunyuanVideo) take ``k * n + 1`` frames; diffusers silently rounds anything else,
-  so ``frames=2`` would quietly run 1 frame;
-- the work: latent tokens (``T x H x W`` of the latent grid, frames included) x steps, against
-  :attr:`Limits.max_token_steps`;
-- the memory: an estimate from the latent grid and the pixel count (:func:`estimate_bytes`) against
-  :attr:`Limits.max_memory_bytes`, by default a fraction of what the device has free now (CPU: the
-  available RAM; CUDA: free memory plus what torch's allocator caches).
+  so ``frames=2`` would quietly run 1 frame.
 
 A refusal is a ``ValueError`` (the page shows it as "Invalid input: ...") that names the limit, the
 request's figure and the ``ditaccel demo`` flag that raises the limit.
@@ -117,6 +119,8 @@ def latent_grid(pipe, height: int, width: int, frames: int | None) -> tuple[int,
         pt, ph, pw = int(config.get("patch_size_t") or 1), patch, patch
     else:
         pt, ph, pw = _ints(patch, 3)
+    if frames and (frames - 1) % temporal:
+        frames = frames // temporal * temporal + 1  # what diffusers rounds it to (with a warning)
     latent_frames = 1 if not frames else (frames - 1) // temporal + 1
     return (max(1, -(-latent_frames // pt)), max(1, height // (spatial * ph)), max(1, width // (spatial * pw)))
 
@@ -175,7 +179,6 @@ def _gb(n: int) -> str:
 def admit(pipe, request, limits: Limits, device: torch.device, dtype: torch.dtype) -> Sizing:
     """Check ``request`` (a ``GenerateRequest``) for ``pipe`` on ``device``; a ValueError refuses it."""
     check_prompt(request.prompt, limits)
-    check_frames(pipe, request.frames)
     grid = latent_grid(pipe, request.height, request.width, request.frames)
     pixels = request.height * request.width * (request.frames or 1)
     sizing = Sizing(grid, pixels, request.steps, estimate_bytes(pipe, grid, pixels, dtype))
@@ -195,6 +198,7 @@ def admit(pipe, request, limits: Limits, device: torch.device, dtype: torch.dtyp
         raise ValueError(f"request too large: {size} px ({sizing.tokens:,} latent tokens) needs about "
                          f"{_gb(sizing.memory_bytes)}; the limit is {_gb(budget)} ({where}; raise it with "
                          f"ditaccel demo --max-memory-gb GB)")
+    check_frames(pipe, request.frames)  # after the size: a huge request hears first that it is too large
     return sizing
 
 
