@@ -255,7 +255,11 @@ def test_module_cli_rejects_a_bad_port_in_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "ditaccel demo: error: port must be an int in [1, 65535], got 70000"
 
 
-def test_module_cli_serves_on_loopback_and_stops_on_sigterm(tmp_path):
+def test_module_cli_serves_on_loopback_and_stops_on_sigterm_during_a_generation(tmp_path):
+    """The command-line server, SIGTERM while one generation runs and two wait: exit 0 within seconds
+    (the running one is cancelled, the waiting ones refused) and the work directory is gone."""
+    from gradio_client.utils import Status
+
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ditaccel.demo", "--port", str(port), "--steps", "2",
                              "--height", "64", "--width", "128", "--method", "radial"],
@@ -276,8 +280,20 @@ def test_module_cli_serves_on_loopback_and_stops_on_sigterm(tmp_path):
         values = {c["props"].get("label"): c["props"].get("value") for c in config["components"]}
         assert values["steps"] == 2 and values["height"] == 64 and values["method"] == "radial"
         assert len(list(tmp_path.glob("ditaccel-demo-*"))) == 1  # the session's files
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        # 200 steps: minutes on this CPU unless it is cancelled.
+        jobs = [client.submit(steps=200, height=64, width=64, frames=5, method="preset", api_name="/generate")
+                for _ in range(3)]
+        running = (Status.PROCESSING, Status.PROGRESS)
+        started = time.monotonic() + 120
+        while not any(job.status().code in running for job in jobs):  # one runs (which one: submit order)
+            assert not any(job.done() for job in jobs) and time.monotonic() < started, [j.status() for j in jobs]
+            time.sleep(0.1)
+        time.sleep(1.0)  # inside the pipeline call
+        stopped = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - stopped < 10, proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()

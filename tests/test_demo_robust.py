@@ -193,18 +193,27 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def test_twenty_concurrent_requests_are_all_answered(server):
+def test_twenty_concurrent_requests_are_all_answered(server, monkeypatch):
+    from ditaccel.demo import session as session_module
+
     app, _, client = server
     assert listening_addresses(app.server_port) == {"127.0.0.1"}
+    # Matplotlib is a third of a tiny request's time: the dense-only ones skip their (all-ones)
+    # pictures here, which also runs the page's "nothing drawn" path; the tile ones draw theirs.
+    for name in ("density_heatmaps", "block_mask_figure"):
+        real = getattr(session_module, name)
+        monkeypatch.setattr(session_module, name,
+                            lambda pairs, path, _real=real, **kw: _real(pairs, path, **kw) if pairs[0][0] == "tile"
+                            else None)
     start = time.monotonic()
-    sparse = {3, 8, 13, 18}  # tile on 64x64x5; the other 16 run the preset on 32x32x1
+    sparse = {4, 15}  # tile on 64x64x5; the other 18 run the preset on 32x32x1
     jobs = [client.submit(**(TILE if i in sparse else SMALLEST), api_name="/generate") for i in range(20)]
     results = [job.result(timeout=240) for job in jobs]
     elapsed = time.monotonic() - start
-    for i, (dense_video, accel_video, *_, summary, report, _heatmap, _block_map) in enumerate(results):
+    for i, (dense_video, accel_video, *_, summary, report, heatmap, block_map) in enumerate(results):
         assert "speedup" in summary and "PSNR" in summary and dense_video and accel_video
         if i in sparse:  # tile: half the blocks
-            assert report["grid"] == [2, 8, 8] and "Nothing ran sparse" not in summary
+            assert report["grid"] == [2, 8, 8] and "Nothing ran sparse" not in summary and heatmap and block_map
             assert report["density"]["mean"] == pytest.approx(0.5) and 0 < report["quality"]["psnr"] < 200
         else:  # nothing runs sparse, PSNR is infinite: the case that failed 16 times in 20
             assert report["grid"] == [1, 4, 4] and report["density"]["mean"] == 1.0
