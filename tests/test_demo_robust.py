@@ -254,7 +254,7 @@ def _refused_up_front(client, cases, monkeypatch):
     assert time.monotonic() - start < 30 and _rss_mb() - before < 100
 
     # What a JSON client can send but httpx (so gradio_client) refuses to: Infinity, NaN, a lone
-    # surrogate escaped as \\ud800. Let it, for these calls.
+    # surrogate (JSON "\\ud800"). Let it, for these calls.
     import httpx._content
 
     monkeypatch.setattr(httpx._content, "json_dumps",

@@ -94,20 +94,20 @@ def summary_markdown(report: dict, dense_cached: bool | None = None) -> str:
     grid_text = "x".join(str(g) for g in grid) if isinstance(grid, (list, tuple)) and grid else "unknown"
     note = " (cached: same model, prompt, seed, steps and size)" if cached else ""
     lines = [
-        f"**{report.get('pipeline', '?')}** ({report.get('model', '?')}) on {report.get('device', '?')}, "
-        f"{report.get('dtype', '?')}; latent grid {grid_text}",
+        (f"**{report.get('pipeline', '?')}** ({report.get('model', '?')}) on {report.get('device', '?')}, "
+         f"{report.get('dtype', '?')}; latent grid {grid_text}"),
         "",
         f"| | dense | {method} |",
         "|---|---|---|",
-        f"| denoising loop | {_ms(_get(timing, 'dense', 'denoise_ms'))}{note} | "
-        f"{_ms(_get(timing, 'accelerated', 'denoise_ms'))} |",
+        (f"| denoising loop | {_ms(_get(timing, 'dense', 'denoise_ms'))}{note} | "
+         f"{_ms(_get(timing, 'accelerated', 'denoise_ms'))} |"),
         f"| whole call | {_ms(_get(timing, 'dense', 'total_ms'))} | {_ms(_get(timing, 'accelerated', 'total_ms'))} |",
         "",
-        f"**speedup {fmt(timing.get('speedup') if isinstance(timing, dict) else None, '.2f')}×** over the "
-        f"denoising loop ({fmt(_get(timing, 'speedup_median_sparse_step'), '.2f')}× median sparse step) · "
-        f"**density {fmt(_get(report, 'density', 'mean'), '.3f')}** · **{_psnr(report)}** · "
-        f"**SSIM {fmt(_get(quality, 'ssim'), '.4f')}** · LPIPS {_lpips(quality)} · "
-        f"latent rel-L2 {fmt(_get(quality, 'latent_rel_l2'), '.3g')}",
+        (f"**speedup {fmt(_get(timing, 'speedup'), '.2f')}×** over the "
+         f"denoising loop ({fmt(_get(timing, 'speedup_median_sparse_step'), '.2f')}× median sparse step) · "
+         f"**density {fmt(_get(report, 'density', 'mean'), '.3f')}** · **{_psnr(report)}** · "
+         f"**SSIM {fmt(_get(quality, 'ssim'), '.4f')}** · LPIPS {_lpips(quality)} · "
+         f"latent rel-L2 {fmt(_get(quality, 'latent_rel_l2'), '.3g')}"),
         "",
         f"method `{method}`: {settings or 'defaults'}",
     ]
