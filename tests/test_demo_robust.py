@@ -287,8 +287,8 @@ def test_failed_accelerated_run_after_a_good_dense_one(server):
     # The window's default 3-frame kernel does not fit the 2-frame latent grid: found when it is applied.
     with pytest.raises(AppError, match=r"Invalid input: WindowConfig\.kernel_size=.* grid t = 1"):
         client.predict(seed=7, method="window", **SMALLEST, api_name="/generate")
-    report = client.predict(seed=7, **SMALLEST, api_name="/generate")[5]
-    assert report["dense_cached"] is True  # the dense run before the failure is kept and reused
+    summary, report = client.predict(seed=7, **SMALLEST, api_name="/generate")[4:6]  # the same request runs
+    assert report["grid"] == [1, 4, 4] and report["method"] == "xattn" and "PSNR" in summary
 
 
 def test_out_of_memory_mid_run_frees_what_it_held(server):

@@ -6,7 +6,8 @@
 :func:`build_app` returns the ``gr.Blocks`` (``app.py``), :func:`launch` serves it, and
 :func:`add_parser` / :func:`main` are the ``ditaccel demo`` subcommand (also ``python -m ditaccel.demo``).
 The server binds to 127.0.0.1 unless a host is given, never opens a public share link, and loads
-models through ``ditaccel.compare.load_pipeline``. Gradio is imported only when a page is built.
+models through ``ditaccel.eval.runs.load_pipeline``. Gradio is imported only when a page is built, and
+torch only when a server starts (``ditaccel --help`` must answer at once).
 Every request is sized before any work and refused when it exceeds the limits (``admission.py``,
 flags ``--max-token-steps``, ``--max-memory-gb``, ``--max-prompt-chars``). SIGTERM and SIGINT stop
 the server within seconds: the running generation is cancelled (``cancel.py``), queued ones are
@@ -24,15 +25,16 @@ import shutil
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
-from .admission import DEFAULT_MAX_PROMPT_CHARS, Limits
-from .app import INITIAL, build_app
-from .session import DemoSession
+if TYPE_CHECKING:
+    from .session import DemoSession
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 7860
+DEFAULT_MAX_PROMPT_CHARS = 2000  # admission.DEFAULT_MAX_PROMPT_CHARS (not imported: it would import torch)
 STOP_DEADLINE_S = 10.0  # after a stop signal, the process exits by then even if clean-up hangs
 
 
@@ -50,6 +52,9 @@ def launch(host: str = LOOPBACK, port: int = DEFAULT_PORT, *, session: DemoSessi
     ``block=True`` serves until interrupted, then frees the session. With ``block=False`` the caller
     stops it with ``app.close()`` (and ``session.close()``).
     """
+    from .app import build_app
+    from .session import DemoSession
+
     check_address(host, port)
     if host not in (LOOPBACK, "localhost", "::1"):
         logger.warning("ditaccel demo: serving on %s — anyone who can reach it can run generations here", host)
@@ -116,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def limits_from_args(args: argparse.Namespace) -> Limits:
+def limits_from_args(args: argparse.Namespace):
     """The request limits of ``--max-token-steps``, ``--max-memory-gb`` and ``--max-prompt-chars``."""
+    from .admission import Limits
+
     gb = getattr(args, "max_memory_gb", None)
     if gb is not None and not (math.isfinite(gb) and gb > 0):
         raise ValueError(f"--max-memory-gb must be a positive number of GB, got {gb}")
@@ -189,6 +196,8 @@ def main(args: argparse.Namespace) -> int:
         previous = {sig: signal.signal(sig, stopper) for sig in (signal.SIGTERM, signal.SIGINT)}
     _exited.clear()
     session = app = None
+    from .session import DemoSession
+
     try:
         session = stopper.session = DemoSession(args.device, args.dtype, dense_cache_size=args.dense_cache,
                                                 limits=limits)
@@ -226,6 +235,18 @@ def _close_now(app) -> None:
         # A forced exit cancels those streams; uvicorn would log each as an ASGI exception.
         logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
     app.close(verbose=False)
+
+
+def __getattr__(name):  # the page and the session import torch: load them on first use
+    if name in ("INITIAL", "build_app"):
+        from . import app
+
+        return getattr(app, name)
+    if name == "DemoSession":
+        from .session import DemoSession
+
+        return DemoSession
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["INITIAL", "DemoSession", "add_parser", "build_app", "build_parser", "launch", "main"]

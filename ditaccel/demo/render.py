@@ -52,6 +52,9 @@ def _get(record: Any, *path: str) -> Any:
 
 def nothing_ran_sparse(report: dict) -> bool:
     """True when the accelerated run computed every attention call densely (or none was seen)."""
+    ran_sparse = _get(report, "sparsity", "ran_sparse")
+    if isinstance(ran_sparse, bool):  # the evaluation engine's own finding
+        return not ran_sparse
     mean = number(_get(report, "density", "mean"))
     return mean is None or mean >= 1.0
 
@@ -82,8 +85,27 @@ def _ms(x) -> str:
     return fmt(x, ".0f") + " ms" if number(x) is not None else "n/a"
 
 
+def _first(record, *paths: tuple[str, ...]):
+    for path in paths:
+        value = _get(record, *path)
+        if value is not None:
+            return value
+    return None
+
+
+def _speed(timing: dict) -> str:
+    speedup = fmt(_get(timing, "speedup"), ".2f")
+    verdict = _get(timing, "verdict")
+    if isinstance(verdict, str) and verdict:  # the evaluation engine's record
+        return f"**speed: {verdict}** (speedup {speedup}× = dense time ÷ accelerated time over the denoising loop)"
+    return (f"**speedup {speedup}×** over the denoising loop "
+            f"({fmt(_get(timing, 'speedup_median_sparse_step'), '.2f')}× median sparse step)")
+
+
 def summary_markdown(report: dict, dense_cached: bool | None = None) -> str:
-    """The figures a user compares first — times, speedup, density, PSNR/SSIM — as Markdown."""
+    """The figures a user compares first — times, speedup, density, PSNR/SSIM, the verdicts — as
+    Markdown, from the evaluation engine's record (``timing.dense_median_ms``, ``verdicts``) or the
+    older report (``timing.dense.denoise_ms``)."""
     report = report if isinstance(report, dict) else {}
     timing, quality = _get(report, "timing") or {}, _get(report, "quality") or {}
     method = str(report.get("method") or "accelerated")
@@ -93,24 +115,29 @@ def summary_markdown(report: dict, dense_cached: bool | None = None) -> str:
     grid = report.get("grid")
     grid_text = "x".join(str(g) for g in grid) if isinstance(grid, (list, tuple)) and grid else "unknown"
     note = " (cached: same model, prompt, seed, steps and size)" if cached else ""
+    dense_ms = _first(timing, ("dense_median_ms",), ("dense", "denoise_ms"))
+    accel_ms = _first(timing, ("accel_median_ms",), ("accelerated", "denoise_ms"))
     lines = [
-        (f"**{report.get('pipeline', '?')}** ({report.get('model', '?')}) on {report.get('device', '?')}, "
-         f"{report.get('dtype', '?')}; latent grid {grid_text}"),
+        (f"**{report.get('pipeline') or '?'}** ({report.get('model') or '?'}) on {report.get('device') or '?'}, "
+         f"{report.get('dtype') or '?'}; latent grid {grid_text}"),
         "",
         f"| | dense | {method} |",
         "|---|---|---|",
-        (f"| denoising loop | {_ms(_get(timing, 'dense', 'denoise_ms'))}{note} | "
-         f"{_ms(_get(timing, 'accelerated', 'denoise_ms'))} |"),
-        f"| whole call | {_ms(_get(timing, 'dense', 'total_ms'))} | {_ms(_get(timing, 'accelerated', 'total_ms'))} |",
+        f"| denoising loop | {_ms(dense_ms)}{note} | {_ms(accel_ms)} |",
+    ]
+    if _get(timing, "dense", "total_ms") is not None:
+        lines.append(f"| whole call | {_ms(_get(timing, 'dense', 'total_ms'))} | "
+                     f"{_ms(_get(timing, 'accelerated', 'total_ms'))} |")
+    lines += [
         "",
-        (f"**speedup {fmt(_get(timing, 'speedup'), '.2f')}×** over the "
-         f"denoising loop ({fmt(_get(timing, 'speedup_median_sparse_step'), '.2f')}× median sparse step) · "
-         f"**density {fmt(_get(report, 'density', 'mean'), '.3f')}** · **{_psnr(report)}** · "
+        (f"{_speed(timing)} · **density {fmt(_get(report, 'density', 'mean'), '.3f')}** · **{_psnr(report)}** · "
          f"**SSIM {fmt(_get(quality, 'ssim'), '.4f')}** · LPIPS {_lpips(quality)} · "
          f"latent rel-L2 {fmt(_get(quality, 'latent_rel_l2'), '.3g')}"),
-        "",
-        f"method `{method}`: {settings or 'defaults'}",
     ]
+    verdicts = [str(v) for v in report.get("verdicts") or [] if isinstance(v, str)]
+    if verdicts:
+        lines += ["", *[f"- {v}" for v in verdicts]]
+    lines += ["", f"method `{method}`: {settings or 'defaults'}"]
     if nothing_ran_sparse(report):
         lines += ["", NOTHING_SPARSE.format(method=method, grid=grid_text)]
     return "\n".join(lines)
