@@ -74,6 +74,22 @@ def test_summary_reads_the_engines_identical_flag_and_missing_figures():
     assert "PSNR n/a dB" in render.summary_markdown(_report(quality__psnr="nan"))
 
 
+def test_summary_of_the_evaluation_engines_record():
+    record = {"model": "embedded", "pipeline": "WanPipeline", "device": "cpu", "dtype": "float32", "method": "xattn",
+              "config": {}, "grid": [1, 4, 4], "dense_cached": True,
+              "timing": {"speedup": 1.01, "verdict": "inconclusive (noise 12%)", "dense_median_ms": 40.0,
+                         "accel_median_ms": 39.6},
+              "density": {"mean": 1.0}, "sparsity": {"ran_sparse": False},
+              "quality": {"psnr": None, "identical": True, "ssim": 1.0, "lpips": None, "lpips_note": "no weights"},
+              "verdicts": ["speed: inconclusive", "sparsity: nothing ran sparse"]}
+    text = render.summary_markdown(record)
+    assert "**speed: inconclusive (noise 12%)** (speedup 1.01×" in text and "| 40 ms (cached" in text
+    assert "PSNR ∞ (identical to dense)" in text and "- sparsity: nothing ran sparse" in text
+    assert "Nothing ran sparse" in text and "LPIPS n/a (no weights)" in text
+    record["sparsity"]["ran_sparse"] = True  # the engine's finding wins over the mean density
+    assert "Nothing ran sparse" not in render.summary_markdown(record)
+
+
 def test_report_sent_to_the_page_is_always_json():
     report = render.json_safe({"psnr": float("inf"), "x": [float("nan"), (1, 2.5)], "t": torch.tensor(2.0),
                                "d": torch.float32})
