@@ -252,11 +252,20 @@ def _bash_argv(line: str) -> list[str]:
     return [a for a in proc.stdout.decode().split("\0") if a]
 
 
-def test_every_documented_example_runs_as_written(tmp_path, capsys):
+def test_every_documented_example_runs_as_written(tmp_path, capsys, monkeypatch, pipe):
+    from ditaccel.eval import runs
+
+    # The embedded pipeline is loaded once for every example (loading is tested on its own above).
+    from ditaccel.bench import runner
+
+    def loaded(model, device, dtype):
+        return pipe, dict(embedded.DEFAULTS)
+
+    monkeypatch.setattr(runs, "load_pipeline", loaded)
+    monkeypatch.setattr(runner, "load_pipeline", loaded)
     lines = _documented_commands()
     assert any(ln.startswith("ditaccel compare --method") for ln in lines) and any("bench" in ln for ln in lines)
-    # One step at a 3 x 12 x 24 token grid: every documented window fits, and each run stays cheap.
-    small = ["--steps", "1", "--height", "96", "--width", "192", "--frames", "9", "--repeats", "1", "--no-progress"]
+    small = ["--steps", "1", *SMALL[:6], "--repeats", "1", "--no-progress"]  # one step at a 2 x 8 x 16 grid
     for i, line in enumerate(dict.fromkeys(lines)):
         argv = _bash_argv(line)
         if argv[0] == "compare":
