@@ -32,7 +32,7 @@ DEFAULT_MAX_TOKEN_STEPS = {"cpu": 2_000_000, "cuda": 200_000_000}
 # Peak RSS growth of one generation on the embedded pipeline (float32, CPU, 2 steps, warm-up, dense,
 # accelerated preset, files; ru_maxrss around one DemoSession.generate): 144x192x17 (2160 tokens) 402 MB,
 # 288x384x17 (8640) 1214 MB, 144x192x65 (7344) 1054 MB, 576x768x1 (6912) 698 MB. The terms below
-# estimate 477, 1718, 1591 and 739 MB for those (tests/test_demo_admission.py keeps them above).
+# estimate 477, 1718, 1591 and 739 MB for those (tests/test_demo_robust.py keeps them above).
 # For other models they are an extrapolation by model and VAE width; --max-memory-gb overrides.
 ACTIVATIONS_PER_CHANNEL = 16  # live tensors of the model width per token (both CFG branches)
 ACTIVATIONS_PER_FFN_CHANNEL = 4  # of the feed-forward width
