@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import html
 import logging
+import traceback
 from typing import Any
 
 import torch
 
 from ..methods import METHODS
 from ..pipelines.embedded import DEFAULT_PROMPT, DEFAULTS
-from . import widgets
+from . import render, widgets
+from .cancel import GenerationCancelled
 from .session import EMBEDDED, PRESET, DemoResult, DemoSession, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -35,57 +37,39 @@ def _method_choices(methods) -> list[tuple[str, str]]:
     return [("preset (this model's default)", PRESET)] + [(m, m) for m in methods]
 
 
-def _fmt(x, spec: str) -> str:
-    """A number for the page: None/missing -> "n/a"; anything that is not a finite number as text."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return "n/a" if x is None else str(x)
-    return format(x, spec) if x == x and abs(x) != float("inf") else str(x)
-
-
-def summary_markdown(result: DemoResult) -> str:
-    """The figures a user compares first — times, speedup, density, quality — and the verdicts."""
-    r = result.report
-    t, q, dens = r.get("timing") or {}, r.get("quality") or {}, r.get("density") or {}
-    cfg = ", ".join(f"{k}={v}" for k, v in (r.get("config") or {}).items() if k != "method")
-    cached = " (cached: same model, prompt, seed, steps and size)" if r.get("dense_cached") else ""
-    lpips = _fmt(q.get("lpips"), ".4f") if q.get("lpips") is not None else \
-        f"n/a ({q.get('lpips_note') or 'not computed'})"
-    psnr = "identical (∞)" if q.get("identical") else f"{_fmt(q.get('psnr'), '.2f')} dB"
-    grid = r.get("grid")
-    return "\n".join([
-        f"**{r.get('pipeline')}** ({r.get('model')}) on {r.get('device')}, {r.get('dtype')}; "
-        f"latent grid {'x'.join(map(str, grid)) if grid else 'n/a'}",
-        "",
-        "| | dense | " + str(r.get("method")) + " |",
-        "|---|---|---|",
-        f"| denoising loop | {_fmt(t.get('dense_median_ms'), '.0f')} ms{cached} | "
-        f"{_fmt(t.get('accel_median_ms'), '.0f')} ms |",
-        "",
-        f"**speed: {t.get('verdict', 'n/a')}** (dense time ÷ accelerated time over the denoising loop, "
-        f">1 = faster: {_fmt(t.get('speedup'), '.2f')}) · **density {_fmt(dens.get('mean'), '.3f')}** · "
-        f"**PSNR {psnr}** · **SSIM {_fmt(q.get('ssim'), '.4f')}** · LPIPS {lpips} · "
-        f"latent rel-L2 {_fmt(q.get('latent_rel_l2'), '.3g')}",
-        "",
-        *[f"- {line}" for line in r.get("verdicts") or []],
-        "",
-        f"method `{r.get('method')}`: {cfg}",
-    ])
+def summary_markdown(result: DemoResult | dict) -> str:
+    """The figures a user compares first: times, speedup, density, PSNR/SSIM (``render.py``)."""
+    if isinstance(result, DemoResult):
+        return render.summary_markdown(result.report, result.dense_cached)
+    return render.summary_markdown(result)
 
 
 def _page_error(gr, exc: BaseException, session: DemoSession, what: str):
     """The ``gr.Error`` the page shows for ``exc``; bad input is logged in one line, anything else with
     its traceback. Out-of-memory frees the device's cached blocks so the next request can run."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        session.free_memory()
     message = _user_message(exc, session.device)
-    if isinstance(exc, (ValueError, OSError, torch.OutOfMemoryError)):
+    if isinstance(exc, (ValueError, OSError, torch.OutOfMemoryError, GenerationCancelled)):
         logger.warning("ditaccel demo: %s: %s", what, message)
     else:
         logger.error("ditaccel demo: %s failed", what, exc_info=exc)
     return gr.Error(html.escape(message), duration=None, print_exception=False)
 
 
+def _forget(exc: BaseException) -> None:
+    """Drop what a failed call still holds through ``exc``: its traceback's frames keep every local of
+    the pipeline call alive (latents, activations: gigabytes after an out-of-memory)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+            exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 def _user_message(exc: BaseException, device) -> str:
+    if isinstance(exc, GenerationCancelled):
+        return f"Stopped: {' '.join(str(exc).split())}"
     if isinstance(exc, torch.OutOfMemoryError):
         return (f"Out of memory on {device}. Try fewer frames, a smaller resolution or fewer steps; "
                 f"the server is still running. ({' '.join(str(exc).split())[:300]})")
@@ -181,7 +165,13 @@ def build_app(session: DemoSession | None = None, *, initial: dict | None = None
             try:
                 fam, cfgs = session.family_configs(model_text, methods)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a message in the page
-                raise _page_error(gr, exc, session, f"loading {model_text!r}") from None
+                error = _page_error(gr, exc, session, f"loading {model_text!r}")
+                _forget(exc)
+            else:
+                error = None
+            if error is not None:
+                session.free_memory()
+                raise error
             values = [v for name in methods for k in knobs[name]
                       for v in widgets.widget_values(k, getattr(cfgs[name], k.spec.name))]
             return [f"loaded: family **{fam}**", _preset_text(cfgs[PRESET]), *values]
@@ -194,13 +184,26 @@ def build_app(session: DemoSession | None = None, *, initial: dict | None = None
             try:
                 result = generate_from_values(session, values, knobs, progress=lambda f, d: progress(f, desc=d))
             except Exception as exc:  # noqa: BLE001 - every failure becomes a message in the page
-                raise _page_error(gr, exc, session, "generate") from None
+                error = _page_error(gr, exc, session, "generate")
+                _forget(exc)
+            else:
+                error = None
+            if error is not None:
+                # Raised outside the except block, so the page's error does not carry the failed call
+                # (as its __context__) and what that call held can be freed now, before the next request.
+                session.free_memory()
+                raise error
             files, video = result.files, result.dense.is_video
+            try:
+                summary_text = summary_markdown(result)
+            except Exception as exc:  # a finished generation is shown even if its summary is not
+                logger.error("ditaccel demo: summary failed", exc_info=exc)
+                summary_text = f"(no summary: {type(exc).__name__}: {exc}; the report below has the figures)"
             # Plain values (not visibility updates) so API clients receive the files; the chained
             # event below shows the video or the image pair.
             return (files["dense"] if video else None, files["accelerated"] if video else None,
                     None if video else files["dense"], None if video else files["accelerated"],
-                    summary_markdown(result), result.report, files["heatmap"], files["block_map"])
+                    summary_text, render.json_safe(result.report), files["heatmap"], files["block_map"])
 
         def show_media(report_value):
             video = (report_value or {}).get("media") != "image"

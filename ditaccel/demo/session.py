@@ -12,6 +12,7 @@ one sparse layer of the last step, caught with ``handle.observe``) are drawn by 
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 import threading
@@ -26,6 +27,8 @@ from ..eval.plots import block_mask_figure, density_heatmaps
 from ..eval.probe import MaskProbe
 from ..eval.record import Comparison
 from ..eval.runs import RunResult, call_arguments, load_pipeline, resolve_device, resolve_dtype
+from .admission import Limits, admit
+from .cancel import Cancellation
 
 EMBEDDED = "embedded"
 PRESET = "preset"  # the method choice that means "preset config (the family's, or the embedded pipeline's)"
@@ -33,6 +36,7 @@ MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_FRAMES = 1024
 MAX_SEED = 2**63 - 1
+CLOSE_TIMEOUT_S = 5.0  # how long close() waits for a cancelled generation to unwind
 Progress = Callable[[float, str], None]
 
 
@@ -121,8 +125,10 @@ class DemoSession:
     """Generation state of one demo server: device, dtype, the loaded pipeline and the dense cache."""
 
     def __init__(self, device=None, dtype=None, *, dense_cache_size: int = 4, fps: int = 8,
-                 work_dir: str | Path | None = None, keep_results: int = 4):
+                 work_dir: str | Path | None = None, keep_results: int = 4, limits: Limits | None = None):
         self.device = resolve_device(device)
+        self.limits = limits or Limits()  # admission control: what one request may ask for
+        self.cancellation = Cancellation()
         self.dtype = resolve_dtype(dtype, self.device)
         self.fps = fps
         self.dense_cache_size = dense_cache_size
@@ -166,6 +172,7 @@ class DemoSession:
         return adapter.family, configs
 
     def free_memory(self) -> None:
+        gc.collect()  # a failed call's tensors may sit in reference cycles (frames of its traceback)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -178,9 +185,13 @@ class DemoSession:
 
         say = progress or (lambda fraction, desc: None)
         method = None if method in (None, PRESET) else method
+        self.cancellation.check()
         with self._lock:
+            self.cancellation.check()  # queued behind a call that was running when the server stopped
             say(0.0, f"loading {request.label}")
             pipe, defaults = self.pipeline(request.model)
+            # Before any work: the prompt, the frame count, the size against the device (admission.py).
+            admit(pipe, request, self.limits, self.device, self.dtype)
             kwargs = call_arguments(pipe, defaults, request.prompt, steps=request.steps, height=request.height,
                                     width=request.width, frames=request.frames)
             _, config = resolve(pipe, method, overrides)
@@ -225,10 +236,19 @@ class DemoSession:
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._pipe = None
-            self._dense.clear()
-            self.free_memory()
+        """Refuse new generations, stop a running one (``cancel.py``), free the pipeline, remove the files."""
+        busy = not self._lock.acquire(blocking=False)
+        self.cancellation.cancel(running=busy)
+        held = not busy or self._lock.acquire(timeout=CLOSE_TIMEOUT_S)
+        try:
+            if held:
+                self.cancellation.release()
+                self._pipe = None
+                self._dense.clear()
+                self.free_memory()
+        finally:
+            if held:
+                self._lock.release()
             if self._owned_dir:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
 

@@ -98,6 +98,14 @@ def _literal(where: str, text, what: str):
         raise ValueError(f"{where} must be {what}, got {text!r}") from None
 
 
+def _finite(where: str, value: float) -> float:
+    # A JSON client can send Infinity/NaN (and "1e999" parses to inf): no knob means anything by them,
+    # and an infinite budget or threshold would fail deep inside a run (or in the JSON report).
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value}")
+    return value
+
+
 def parse_knob(knob: Knob, raw: list) -> Any:
     """Widget values -> the config field's value. Malformed text raises ValueError naming the field;
     the value's range is left to the config's own validation, which names the field too."""
@@ -113,7 +121,7 @@ def parse_knob(knob: Knob, raw: list) -> Any:
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        return _finite(where, float(value))
     if kind == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r}")
@@ -142,7 +150,7 @@ def parse_knob(knob: Knob, raw: list) -> Any:
         parsed = _literal(where, value, "empty (automatic) or a number")
         if isinstance(parsed, bool) or not isinstance(parsed, (int, float)):
             raise ValueError(f"{where} must be empty (automatic) or a number, got {value!r}")
-        return float(parsed)
+        return _finite(where, float(parsed))
     # A kind this module does not know yet: the text box holds a Python literal.
     return _literal(where, value, "a Python literal") if isinstance(value, str) else value
 
