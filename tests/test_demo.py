@@ -135,7 +135,7 @@ def test_server_binds_loopback_only(server):
 
 def test_generate_then_method_change_reuses_dense(server):
     _, session, client = server
-    (dense_v, accel_v, dense_i, accel_i, summary, report, heatmap, block_map) = client.predict(
+    (dense_v, accel_v, dense_i, accel_i, summary, report, heatmap, block_map, side_by_side) = client.predict(
         **WINDOW_SMALL, api_name="/generate")
     assert dense_i is None and accel_i is None  # the embedded pipeline makes videos
     import imageio.v3 as iio
@@ -143,6 +143,8 @@ def test_generate_then_method_change_reuses_dense(server):
     dense = iio.imread(dense_v, plugin="FFMPEG")  # gradio_client downloaded the files
     accel = iio.imread(accel_v, plugin="FFMPEG")
     assert dense.shape == accel.shape == (5, 64, 128, 3) and dense.std() > 0
+    pair = iio.imread(side_by_side)  # the labelled dense | accelerated | difference panels
+    assert pair.shape == (3 * (64 + 14), 3 * 128 + 2 * 6, 3)
     assert report["method"] == "window" and report["config"]["kernel_size"] == [1, 3, 3]
     assert report["grid"] == [2, 8, 16] and report["dense_cached"] is False
     assert 0 < report["density"]["mean"] < 1 and len(report["density"]["per_step"]) == 2
@@ -174,7 +176,7 @@ def test_dynamic_method_knobs_come_from_its_config(server):
         for unit in job.status().progress_data or []:
             stages.add(unit.desc)
         time.sleep(0.05)
-    *_, report, heatmap, block_map = job.result()
+    *_, report, heatmap, block_map, side_by_side = job.result()
     # The page shows what the long run is doing: its "topk run" stage or the pipeline's own "topk"
     # progress bar, which replaces the stage within milliseconds (a 50 ms poll may see either).
     assert stages & {"topk run", "topk"}

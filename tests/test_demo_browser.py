@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 
+import imageio.v3 as iio
 import pytest
 
 pytestmark = pytest.mark.browser
@@ -36,7 +37,7 @@ def test_page_generates_both_outputs(tmp_path):
     # A 2-step 64x128x5 tile run: the page's own defaults with smaller numbers, nothing typed.
     app = launch(port=free_port(), session=session, block=False, quiet=True,
                  initial=dict(steps=2, height=64, width=128, frames=5, method="tile"))
-    shot = tmp_path / "demo.png"
+    shot, shot_pair = tmp_path / "demo.png", tmp_path / "side_by_side.png"
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
@@ -50,7 +51,9 @@ def test_page_generates_both_outputs(tmp_path):
                 summary.get_by_text("speedup").wait_for(timeout=TIMEOUT_MS)
                 text = summary.inner_text()
                 page.locator("#block-map img").wait_for(timeout=TIMEOUT_MS)
+                page.locator("#side-by-side img").wait_for(timeout=TIMEOUT_MS)
                 page.screenshot(path=str(shot), full_page=True)
+                page.locator("#side-by-side img").screenshot(path=str(shot_pair))  # the labelled comparison
                 errors = page.locator(".toast-body").count()
             finally:
                 browser.close()
@@ -63,5 +66,7 @@ def test_page_generates_both_outputs(tmp_path):
     with open(shot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+    pair = iio.imread(shot_pair)
+    assert pair.shape[1] > pair.shape[0] and pair.std() > 0  # three labelled panels side by side
     if os.environ.get("DITACCEL_DEMO_SCREENSHOT"):
         shutil.copy(shot, os.environ["DITACCEL_DEMO_SCREENSHOT"])

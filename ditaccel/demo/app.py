@@ -145,6 +145,8 @@ def build_app(session: DemoSession | None = None, *, initial: dict | None = None
                     dense_image = gr.Image(label="dense", elem_id="dense-image", type="filepath", visible=False)
                     accel_image = gr.Image(label="accelerated", elem_id="accelerated-image", type="filepath",
                                            visible=False)
+                side_by_side = gr.Image(label="dense | accelerated | difference x4 (first, middle, last frame)",
+                                        type="filepath", elem_id="side-by-side")
                 summary = gr.Markdown(elem_id="summary")
                 with gr.Row():  # the figures carry their own titles
                     heatmap = gr.Image(label="density per layer and step", type="filepath", elem_id="heatmap",
@@ -203,7 +205,8 @@ def build_app(session: DemoSession | None = None, *, initial: dict | None = None
             # event below shows the video or the image pair.
             return (files["dense"] if video else None, files["accelerated"] if video else None,
                     None if video else files["dense"], None if video else files["accelerated"],
-                    summary_text, render.json_safe(result.report), files["heatmap"], files["block_map"])
+                    summary_text, render.json_safe(result.report), files["heatmap"], files["block_map"],
+                    files.get("side_by_side_png"))
 
         def show_media(report_value):
             video = (report_value or {}).get("media") != "image"
@@ -213,7 +216,8 @@ def build_app(session: DemoSession | None = None, *, initial: dict | None = None
                               frames=frames, method=method)
         generate.click(
             run, inputs_kwargs={**request_inputs, **knob_components},
-            outputs=[dense_video, accel_video, dense_image, accel_image, summary, report, heatmap, block_map],
+            outputs=[dense_video, accel_video, dense_image, accel_image, summary, report, heatmap, block_map,
+                     side_by_side],
             concurrency_limit=1, concurrency_id=concurrency_id, api_name="generate", show_progress="full",
             # Raw values: the request and the configs validate them with messages naming the field
             # (Gradio's own slider check names none).
