@@ -11,6 +11,7 @@ from .accelerate import AccelerationHandle, accelerate
 from .config import AttentionConfig
 from .methods import (
     METHODS, ClusterConfig, DenseConfig, HeadsConfig, RadialConfig, TileConfig, TopKConfig, WindowConfig, XAttnConfig,
+    register_method, unregister_method,
 )
 from .pipelines import SUPPORTED_FAMILIES
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "accelerate", "AccelerationHandle", "AttentionConfig", "DenseConfig", "WindowConfig", "TileConfig",
-    "RadialConfig", "TopKConfig", "XAttnConfig", "HeadsConfig", "ClusterConfig", "METHODS", "metrics", "SUPPORTED_FAMILIES", "__version__",
+    "RadialConfig", "TopKConfig", "XAttnConfig", "HeadsConfig", "ClusterConfig", "METHODS", "register_method", "unregister_method", "metrics", "SUPPORTED_FAMILIES", "__version__",
 ]

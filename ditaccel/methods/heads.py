@@ -271,7 +271,7 @@ class HeadsMethod(AttentionMethod):
 
     def decide(self, ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> SparsePlan | None:
         """None (the model's own attention) at dense steps/layers and where every head chose dense."""
-        if self.is_dense(ctx.layer, ctx.step):
+        if self.is_dense(ctx.layer, ctx.step, ctx.dense_steps):
             return None
         plan = self.plan_for(ctx, q, k, v)
         return None if all(p == "dense" for p in ctx.state.get(PATTERNS_KEY)) else plan
