@@ -118,8 +118,16 @@ class AttentionMethod:
         return self._plans.get(shape, device, lambda: self.build(shape, device))
 
     def tile_for(self, grid) -> tuple[int, int, int]:
+        """The token tile on ``grid``: the config's (or a block-sized default), cut to the grid on an
+        axis it over-spans (the same layout and tile neighbourhoods: every token of that axis is in
+        one tile either way)."""
         tile = getattr(self.config, "tile", None)
-        return tuple(tile) if tile is not None else auto_tile(grid, self.config.block_size)
+        if tile is None:
+            return tuple(min(t, g) for t, g in zip(auto_tile(grid, self.config.block_size), grid))
+        cut = tuple(min(t, g) for t, g in zip(tile, grid))
+        if cut != tuple(tile):
+            self.notes.add(f"tile={tuple(tile)} is larger than the grid {tuple(grid)} on some axis: cut to {cut}")
+        return cut
 
     def order(self) -> str:
         return "tile"

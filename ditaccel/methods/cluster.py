@@ -73,8 +73,10 @@ class ClusterConfig(AttentionConfig):
                                                     "makes the blocks (capped at the number of video tokens)")
     top_p: float = knob(0.9, "float", low=0.0, high=1.0, low_open=True,
                         help="keep key blocks per query block until their cumulative score reaches this (1 = dense)")
-    iters_first: int = knob(50, "int", low=1, help="Lloyd iterations at a layer's first sparse step (cold start)")
-    iters_step: int = knob(2, "int", low=0, help="Lloyd iterations at later steps, from the stored centroids")
+    # Bounded: k-means converges in tens of iterations; a million would run for hours on any model.
+    iters_first: int = knob(50, "int", low=1, high=1000,
+                            help="Lloyd iterations at a layer's first sparse step (cold start)")
+    iters_step: int = knob(2, "int", low=0, high=1000, help="Lloyd iterations at later steps, from the stored centroids")
 
 
 # --- k-means, batched over heads ------------------------------------------------------------
