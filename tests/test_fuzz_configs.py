@@ -133,15 +133,6 @@ def forward(model):
                      return_dict=False)[0]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~6x faster than two on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.filterwarnings("ignore:ditaccel")
 def test_fuzzed_configs_fail_at_accelerate_or_run(tiny_wan, one_thread):
     rng = random.Random(1234)
