@@ -124,7 +124,8 @@ def blocks_sharing(layout: TokenLayout, feature: torch.Tensor, n_features: int, 
     member = torch.zeros(nb, n_features, device=device)
     member[slots // bs, feature[slots]] = 1.0
     near = member
-    if radius:
+    radius = min(radius, n_features - 1)  # a wider radius covers no more (and a huge one overflows the pool)
+    if radius > 0:
         near = F.max_pool1d(member[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0]
     return (near @ member.t()) > 0
 
