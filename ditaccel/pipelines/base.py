@@ -31,6 +31,7 @@ class ModelAdapter:
     transformer_classes: tuple[str, ...] = ()
     pipeline_attrs: tuple[str, ...] = ("transformer",)
     text_position: str = "none"
+    preset_source: str = ""  # where the family's preset comes from (paper / repository and its configuration)
 
     # --- finding things -------------------------------------------------------------------------
     def matches(self, transformer: torch.nn.Module) -> bool:
