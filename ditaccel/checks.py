@@ -5,7 +5,8 @@ combination fails at ``accelerate`` (the pipeline untouched) instead of at the f
 
 - schedules that follow the call (``dense_steps`` as a fraction, ``dense_above_noise``,
   ``schedule``) need a pipeline whose scheduler tells the step count and noise levels;
-- ``backend='triton'`` needs a head dim the kernel supports; the attention modules tell it.
+- ``backend='triton'`` needs triton installed and a head dim the kernel supports; the attention
+  modules tell it (the device does not count: a pipeline may move to CUDA after ``accelerate``).
 
 What only a call can tell (the token grid) is not an error anywhere: windows and tiles larger than
 the grid cover that axis (see the methods' ``stats()["notes"]``).
@@ -45,7 +46,11 @@ def check_against_pipeline(config: AttentionConfig, pipe, modules: list[tuple[st
             f"has no scheduler to count them: accelerate the pipeline, or give dense_steps as an int count "
             f"and no dense_above_noise / schedule")
     if config.backend == "triton":
-        from .kernels.triton_attention import SUPPORTED_HEAD_DIMS
+        try:
+            from .kernels.triton_attention import SUPPORTED_HEAD_DIMS
+        except ImportError as e:
+            raise ValueError(f"{name}.backend='triton' needs the triton package ({e}); use backend='auto' or "
+                             f"'grouped', or pip install 'ditaccel[triton]'") from None
 
         dims = {head_dim(m) for _, m in modules} - {None}
         bad = sorted(d for d in dims if d not in SUPPORTED_HEAD_DIMS)

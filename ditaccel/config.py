@@ -300,15 +300,19 @@ class AttentionConfig:
         shared = {f.name for f in dataclasses.fields(AttentionConfig)}
         specs = {s.name: s for s in describe_fields(self)}
         allowed = [n for n, s in specs.items() if n not in shared and s.kind in SCHEDULABLE_KINDS]
+        normalised = []
         for name, values in self.schedule:
             if name not in allowed:
                 raise ValueError(f"{_name(self)}.schedule names {name!r}; a schedule may change {allowed} "
                                  f"(the method's own numeric knobs)")
+            checked = []
             for i, v in enumerate(values):
                 try:
-                    self.at_part({name: v})
+                    checked.append(getattr(self.at_part({name: v}), name))  # the knob's own rules
                 except ValueError as e:
                     raise ValueError(f"{_name(self)}.schedule[{name!r}][{i}]={v!r}: {e}") from None
+            normalised.append((name, tuple(checked)))
+        object.__setattr__(self, "schedule", tuple(normalised))
 
     def at_part(self, values: dict[str, Any]) -> "AttentionConfig":
         """This config with ``values`` applied and no schedule (one part of the schedule)."""

@@ -20,21 +20,20 @@ class ScheduledMethod(AttentionMethod):
         super().__init__(config)
         self.method_cls = method_cls
         self.name = method_cls.name
-        self._parts: dict[AttentionConfig, AttentionMethod] = {}
+        self._parts: dict[tuple[int, ...], AttentionMethod] = {}  # part index per scheduled knob -> method
 
-    def part_config(self, step: int, total_steps: int | None) -> AttentionConfig:
-        if total_steps is None:
+    def part(self, ctx) -> AttentionMethod:
+        """The underlying method for this call's step (built once per distinct part)."""
+        step, total = ctx.step, ctx.total_steps
+        if total is None:
             # accelerate() refuses schedules where no scheduler tells the step count; a pipeline
             # that hides it anyway runs the schedule's first part throughout.
             self.notes.add("schedule: the call's step count is unknown, the first part runs throughout")
-            total_steps, step = 1, 0
-        return self.config.at_step(step, total_steps)
-
-    def part(self, ctx) -> AttentionMethod:
-        cfg = self.part_config(ctx.step, ctx.total_steps)
-        method = self._parts.get(cfg)
+            step, total = 0, 1
+        key = tuple(min(len(seq) - 1, step * len(seq) // max(total, 1)) for _, seq in self.config.schedule)
+        method = self._parts.get(key)
         if method is None:
-            method = self._parts[cfg] = self.method_cls(cfg)
+            method = self._parts[key] = self.method_cls(self.config.at_step(step, total))
             method.notes = self.notes  # one set of notes for the handle
         return method
 
