@@ -1,8 +1,9 @@
-"""``ditaccel`` command line: ``compare``, ``bench`` and ``demo`` (also ``python -m ditaccel ...``).
+"""``ditaccel`` command line: ``compare``, ``bench``, ``demo``, ``methods`` (also ``python -m ditaccel ...``).
 
 Bad input (an unknown ``--set`` field, a bad value, a missing ``--model`` directory, a config that
 does not fit the latent grid) is reported as one line on stderr with exit status 2; ``--debug``
-shows the traceback instead.
+(before or after the command) shows the traceback instead. Building the parser imports nothing
+heavy (no torch), so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
@@ -14,16 +15,31 @@ import re
 import sys
 
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The built-in methods, named here so --help needs no import of the methods (tests keep it equal
+# to ditaccel.METHODS).
+METHOD_NAMES = ("dense", "window", "tile", "radial", "heads", "cluster", "topk", "xattn")
+VERSION = "0.1.0"
+SET_HELP = ("config field override, repeatable: --set kernel_size=3,9,9 --set dense_steps=2 "
+            "(values are Python literals; a tuple needs no parentheses; `ditaccel methods` lists every field)")
 
 
 class CLIError(ValueError):
     pass
 
 
-def parse_set(items: list[str] | None) -> dict:
-    """``["window=(3,3,3)", "backend=flex"]`` -> ``{"window": (3, 3, 3), "backend": "flex"}``.
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line ("ditaccel compare: error: ..."), like every other bad input; the
+    usage stays one ``--help`` away."""
 
-    Values are Python literals (``ast.literal_eval``); anything else is taken as a string.
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``["window=3,3,3", "backend=flex"]`` -> ``{"window": (3, 3, 3), "backend": "flex"}``.
+
+    Values are Python literals (``ast.literal_eval``: ``3,3,3`` and ``(3,3,3)`` are both tuples);
+    anything else is taken as a string.
     """
     overrides = {}
     for item in items or []:
@@ -39,20 +55,38 @@ def parse_set(items: list[str] | None) -> dict:
     return overrides
 
 
+def _common(p: argparse.ArgumentParser, top: bool = False) -> argparse.ArgumentParser:
+    """Flags every command takes, before or after its name (the sub-parser's copy must not reset
+    what was given before the command, hence SUPPRESS)."""
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show tracebacks instead of one-line errors")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditaccel", description="Sparse attention for diffusers DiT pipelines.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser = OneLineParser(prog="ditaccel", description="Sparse attention for diffusers DiT pipelines.")
+    _common(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"ditaccel {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser("compare", help="dense vs accelerated on the same seed: timings, density, quality, media",
-                       description="Run the same pipeline, seed and inputs dense and accelerated; print step "
-                                   "timings, speedup, density, PSNR/SSIM/LPIPS and latent rel-L2; write both "
-                                   "outputs, a side-by-side and a JSON of every figure.")
+                       description="Run the same pipeline, seed and inputs dense and accelerated (interleaved "
+                                   "repeats); print step timings, the speedup (dense time / accelerated time: >1 "
+                                   "= faster) or 'inconclusive' when the machine is too noisy, density, "
+                                   "PSNR/SSIM/LPIPS with a quality verdict, and write both outputs, a labelled "
+                                   "side-by-side and a JSON of every figure.",
+                       epilog="examples:\n"
+                              "  ditaccel compare\n"
+                              "  ditaccel compare --method xattn --set threshold=0.9 --set dense_steps=4\n"
+                              "  ditaccel compare --method window --set kernel_size=3,11,11 --set block_size=64\n"
+                              "  ditaccel compare --steps 4 --repeats 1 --json -",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
     p.add_argument("--model", help="local pipeline directory or hub id (default: the embedded Wan pipeline)")
-    p.add_argument("--method", help="attention method name (default: the preset: the model family's, or the embedded pipeline's own)")
-    p.add_argument("--set", dest="sets", action="append", metavar="FIELD=VALUE", default=[],
-                   help="config field override, repeatable, e.g. --set window=(3,3,3) --set dense_steps=1")
+    p.add_argument("--method", choices=METHOD_NAMES, metavar="{" + ",".join(METHOD_NAMES) + "}",
+                   help="attention method (default: the preset: the model family's, or the embedded pipeline's own)")
+    p.add_argument("--set", dest="sets", action="append", metavar="FIELD=VALUE", default=[], help=SET_HELP)
     p.add_argument("--prompt", help="prompt (default: the embedded pipeline's DEFAULT_PROMPT)")
     p.add_argument("--steps", type=int, help="denoising steps")
     p.add_argument("--height", type=int)
@@ -63,30 +97,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: bfloat16 on cuda, float32 elsewhere)")
+    p.add_argument("--repeats", type=int, default=2, metavar="N",
+                   help="interleaved timed runs per side (dense, accelerated, dense, ...; default 2): the "
+                        "speedup is the ratio of medians, and is 'inconclusive' when they spread > 20%%")
     p.add_argument("--warmup", type=int, default=0, metavar="N",
-                   help="extra untimed full calls before each side's timed run, for steady-state timings "
-                        "(kernel compilation, plan building); a 1-step untimed call always runs first")
+                   help="extra untimed full calls per side before timing (a short call per side always runs)")
     p.add_argument("--fps", type=int, default=8, help="frame rate of the written videos")
     p.add_argument("--out", default="ditaccel-compare", help="output directory (default: ./ditaccel-compare/)")
-    p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the JSON report here")
+    p.add_argument("--json", dest="json_path", metavar="PATH",
+                   help="also write the JSON record here; '-' writes it to stdout (the table then goes to stderr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("methods", help="every attention method with its knobs, ranges, defaults and help",
+                       description="List the attention methods and every knob: kind, allowed values, default, help.")
+    _common(p)
+    p.add_argument("name", nargs="?", choices=METHOD_NAMES, metavar="METHOD", help="only this method")
+    p.set_defaults(func=cmd_methods)
 
     from .bench import add_parser as add_bench_parser
     from .demo import add_parser as add_demo_parser
 
-    add_bench_parser(sub)
-    add_demo_parser(sub)
+    _common(add_bench_parser(sub))
+    _common(add_demo_parser(sub))
     return parser
 
 
 def cmd_compare(args) -> int:
     from .compare import format_report, run_compare
 
-    for flag in ("steps", "height", "width", "frames", "warmup", "fps"):
+    for flag in ("steps", "height", "width", "frames", "warmup", "fps", "repeats"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "warmup" else 1):
             raise CLIError(f"--{flag} must be {'>= 0' if flag == 'warmup' else 'positive'}, got {value}")
+    to_stdout = args.json_path == "-"
+    human = sys.stderr if to_stdout else sys.stdout
+
+    def say(line: str) -> None:  # the header before the first run, then one line per run
+        print(line, file=human, flush=True)
+
     # The table prints LPIPS's note itself; keep the library's one-line log note off stderr.
     metrics_log = logging.getLogger("ditaccel.metrics")
     level = metrics_log.level
@@ -95,12 +144,19 @@ def cmd_compare(args) -> int:
         report = run_compare(
             model=args.model, method=args.method, overrides=parse_set(args.sets), prompt=args.prompt,
             steps=args.steps, height=args.height, width=args.width, frames=args.frames, guidance=args.guidance,
-            seed=args.seed, device=args.device, dtype=args.dtype, warmup=args.warmup,
-            progress=not args.no_progress, out=args.out, json_path=args.json_path, fps=args.fps,
+            seed=args.seed, device=args.device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
+            progress=not args.no_progress, out=args.out, json_path=args.json_path, fps=args.fps, say=say,
         )
     finally:
         metrics_log.setLevel(level)
-    print(format_report(report))
+    print(format_report(report), file=human)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods_doc import methods_text
+
+    print(methods_text(args.name))
     return 0
 
 
@@ -108,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: usage errors (2) and --help (0)
+    except SystemExit as exc:  # argparse: usage errors (2), --help and --version (0)
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_pipelines import FAMILIES, ODD_GRID, SECOND_SIZE, SPARSE_SIZE, call_kwargs
+from tiny_pipelines import ODD_GRID, SECOND_SIZE, pipe_for, run_latents
 
 import ditaccel
 from ditaccel.hooks import ATTENTION_HOOK, STEP_HOOK
@@ -16,24 +16,13 @@ SPARSE = {  # per family: sparse configs that fit the tiny grids and leave somet
     "radial": dict(tile=(1, 8, 8), decay=0.25, sink_frames=0, block_size=64),
 }
 
-_PIPES: dict = {}
 
 
-def pipe_for(family):
-    """Tiny pipelines are built once per session; every test leaves them unwrapped."""
-    if family not in _PIPES:
-        _PIPES[family] = FAMILIES[family](seed=0)
-    return _PIPES[family]
+
 
 
 def run(pipe, family, sparse_size=False, **kw):
-    """Final latents (decoded frames would shrink differences); ``sparse_size``: a grid of several blocks."""
-    kw.setdefault("output_type", "latent")
-    if sparse_size:
-        kw = {**SPARSE_SIZE[family], **kw}
-    out = pipe(**call_kwargs(family, pipe, **kw))
-    frames = out.frames if hasattr(out, "frames") else out.images
-    return torch.as_tensor(frames)
+    return run_latents(pipe, family, sparse_size, **kw)
 
 
 def rel_err(a, b):

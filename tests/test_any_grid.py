@@ -6,24 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 from test_plans import natten_neighbours, plan_token_mask, tile_neighbours, token_mask
-from tiny_pipelines import FAMILIES, call_kwargs
+from tiny_pipelines import call_kwargs, pipe_for
 
 import ditaccel
 from ditaccel.methods import METHODS, TileConfig, WindowConfig, make_method
 from ditaccel.methods.base import CallShape
 
-_PIPES: dict = {}
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
 
-
-def pipe_for(family):
-    if family not in _PIPES:
-        _PIPES[family] = FAMILIES[family](seed=0)
-    return _PIPES[family]
 
 
 def run(pipe, family, steps=2, **kw):

@@ -22,7 +22,7 @@ from ditaccel.bench import baseline as bl
 from ditaccel.bench import runner
 from ditaccel.bench.__main__ import run as bench_main
 from ditaccel.bench.matrix import BenchMatrix, MethodSpec, SizeSpec, default_matrix, load_matrix, matrix_from_dict
-from ditaccel.bench.plots import density_grid, pareto_front
+from ditaccel.eval.plots import density_grid, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARSE = {"name": "window", "set": {"kernel_size": [1, 3, 3], "block_size": 64}, "label": "win133"}
@@ -82,13 +82,21 @@ def test_tiny_matrix_writes_results_figures_and_report(tiny_run):
     err = sparse["attention_error"]
     assert 0 < err["mean"] < 1 and set(err["per_layer"]) == set(d["per_layer"])
     assert {e["step"] for e in err["per_layer_step"]} == {2}
-    assert sparse["metrics"] == {"psnr": q["psnr"], "ssim": q["ssim"], "lpips": q["lpips"],
+    assert sparse["metrics"] == {"psnr": q["psnr"], "identical": False, "ssim": q["ssim"], "lpips": q["lpips"],
                                  "latent_rel_l2": q["latent_rel_l2"], "attention_error": err["mean"],
                                  "density": d["mean"], "speedup": t["speedup"]}
     assert sparse["block_map"]["kind"] == "static" and sparse["block_map"]["shape"] == [4, 4]
     # The dense method runs our path with every block: same output as the model's attention up to rounding.
-    # JSON has no infinity: identical outputs' PSNR is written as the string "inf".
-    assert cells[DENSE_KEY]["metrics"]["density"] == 1.0 and float(cells[DENSE_KEY]["metrics"]["psnr"]) > 80
+    # JSON has no infinity: identical outputs' PSNR is null with "identical": true beside it.
+    dense_metrics = cells[DENSE_KEY]["metrics"]
+    assert dense_metrics["density"] == 1.0
+    assert dense_metrics["identical"] if dense_metrics["psnr"] is None else dense_metrics["psnr"] > 80
+    assert cells[DENSE_KEY]["sparsity"]["ran_sparse"] is False and "dense" in cells[DENSE_KEY]["sparsity"]["reason"]
+    band = sparse["quality_verdict"]["band"]
+    assert band == ("close" if q["psnr"] >= 30 else "visibly different" if q["psnr"] < 20 else "noticeable") or \
+        sparse["quality_verdict"]["per_metric"]["ssim"] == band  # the worst metric's band
+    assert any(v.startswith("quality: ") and band.split()[0] in v for v in sparse["verdicts"])
+    assert t["repeats"] == 1 and t["conclusive"] is False  # one repeat per side: no noise estimate
 
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -98,8 +106,11 @@ def test_tiny_matrix_writes_results_figures_and_report(tiny_run):
     for name in ("pareto.png", "density.png", "block_mask.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     report = (out / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 3 and "win133" in report and FAILING_KEY in report
-    assert not list(out.glob(".*.tmp*"))  # no temporary file left behind
+    # 3 figures + the labelled key frames of the two cells that ran
+    assert report.count("data:image/png;base64,") == 5 and "win133" in report and FAILING_KEY in report
+    assert "Key frames" in report and "Verdicts" in report
+    assert (out / "frames_win133.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp*")) and not list(out.parent.glob(".out.*"))  # nothing temporary left
 
     saved = json.loads((tmp / "baseline.json").read_text())
     assert saved["format"] == bl.BASELINE_FORMAT and saved["tolerances"] == bl.DEFAULT_TOLERANCES
@@ -133,36 +144,87 @@ def test_forced_regression_against_a_doctored_baseline_exits_1_and_names_the_met
 
 # --- without a model ------------------------------------------------------------------------------
 
-def test_interrupt_leaves_complete_json_of_the_cells_done(tmp_path, monkeypatch):
-    """An interrupt in the middle of the matrix: results.json parses and holds the finished cells."""
+def _fake_bench(monkeypatch, interrupt_at: int | None):
+    """The runner with no model: every cell 'fails' fast; the ``interrupt_at``-th cell raises Ctrl-C."""
     calls = []
 
-    def fake_cell(pipe, cell, ref, matrix):
+    def fake_cell(pipe, cell, call, matrix, dense_runs=None):
         calls.append(cell.key)
-        if len(calls) == 2:
+        if len(calls) == interrupt_at:
             raise KeyboardInterrupt
         record = runner.cell_record(cell)
         record.update(status="failed", error="ValueError: fake", wall_s=0.0)
-        return record, None
+        return record, None, None
 
     monkeypatch.setattr(runner, "load_pipeline", lambda *a: (object(), {}))
-    monkeypatch.setattr(runner.BenchRun, "_prepare", lambda self, pipe, defaults, cell: ({}, None))
-    monkeypatch.setattr(runner.BenchRun, "_dense", lambda self, pipe, kwargs, device, seed: None)
+    monkeypatch.setattr(runner.BenchRun, "_call", lambda self, pipe, defaults, cell: {})
     monkeypatch.setattr(runner, "run_cell", fake_cell)
+    return calls
+
+
+def test_interrupt_keeps_a_complete_json_of_the_cells_done(tmp_path, monkeypatch):
+    """An interrupt in the middle of the matrix: the staged results.json parses and holds the finished cells."""
+    calls = _fake_bench(monkeypatch, interrupt_at=2)
     matrix = BenchMatrix(methods=(MethodSpec("dense"), MethodSpec("tile")), sizes=(SizeSpec(64, 64, 5, 2),),
                          seeds=(0,), device="cpu")
-    run = runner.BenchRun(matrix, tmp_path, progress=False)
+    run = runner.BenchRun(matrix, tmp_path / "out", progress=False)
     with pytest.raises(KeyboardInterrupt):
         run.run()
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads(run.json_path.read_text())
     assert saved["complete"] is False and [c["key"] for c in saved["cells"]] == calls[:1]
+    assert not (tmp_path / "out").exists()  # nothing committed by the runner itself
+
+
+def _previous_run(out: Path) -> dict:
+    out.mkdir()
+    old = {"results.json": '{"old": true}', "results.csv": "old", "report.html": "old"}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    return old
+
+
+def test_an_interrupted_rerun_replaces_the_previous_files_as_one_set(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    old = _previous_run(out)
+    _fake_bench(monkeypatch, interrupt_at=2)
+    code = bench_main(["--method", "dense", "--method", "tile", "--size", "64x64x5", "--steps", "2", "--seeds", "0",
+                       "--out", str(out), "--no-progress"])
+    assert code == 130
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and results["interrupted"] is True and len(results["cells"]) == 1
+    assert (out / "results.csv").read_text() != old["results.csv"] and "incomplete" in (out / "report.html").read_text()
+    assert all(Path(p).parent == out for p in results["files"].values())
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old set left
+
+
+def test_a_second_interrupt_while_writing_leaves_the_previous_files(tmp_path, monkeypatch):
+    from ditaccel.bench import report
+
+    out = tmp_path / "out"
+    old = _previous_run(out)
+    _fake_bench(monkeypatch, interrupt_at=2)
+
+    def interrupted_html(*args, **kwargs):
+        raise KeyboardInterrupt  # the second Ctrl-C lands while the report is being written
+
+    monkeypatch.setattr(report, "render_html", interrupted_html)
+    code = bench_main(["--method", "dense", "--method", "tile", "--size", "64x64x5", "--steps", "2", "--seeds", "0",
+                       "--out", str(out), "--no-progress"])
+    assert code == 130
+    assert {p.name: p.read_text() for p in out.iterdir()} == old  # all old: nothing of the new run mixed in
 
 
 def test_atomic_json_keeps_the_old_file_when_writing_fails(tmp_path):
+    from ditaccel.eval.files import write_json_atomic
+
+    class Unprintable:
+        def __str__(self):
+            raise TypeError("cannot serialise")
+
     path = tmp_path / "results.json"
-    runner.write_json_atomic({"cells": [1]}, path)
+    write_json_atomic({"cells": [1]}, path)
     with pytest.raises(TypeError):
-        runner.write_json_atomic({"cells": [object()]}, path)  # fails half-way through serialising
+        write_json_atomic({"cells": [Unprintable()]}, path)  # fails half-way through serialising
     assert json.loads(path.read_text()) == {"cells": [1]} and os.listdir(tmp_path) == ["results.json"]
 
 
@@ -241,7 +303,7 @@ def test_pareto_front_and_density_grid():
 
 def test_committed_cpu_baseline_describes_the_default_matrix():
     """CI compares the default matrix with benchmarks/baselines/cpu.json: same matrix, same cell keys."""
-    from ditaccel.compare import jsonable
+    from ditaccel.eval.record import jsonable
 
     path = ROOT / "benchmarks" / "baselines" / "cpu.json"
     loaded = bl.load_baseline(path)

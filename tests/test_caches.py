@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_pipelines import FAMILIES, SPARSE_SIZE, call_kwargs
+from tiny_pipelines import SPARSE_SIZE, call_kwargs, pipe_for
 
 import ditaccel
 from ditaccel.caches import CrossStepCaches
-from ditaccel.layout import build_layout
 from ditaccel.methods import CallShape, make_method
 from ditaccel.runtime import PlanExecutor
 from ditaccel.state import CallContext, StateStore
 
 TILE = dict(tile=(1, 8, 8), window=(1, 1, 1), block_size=64)
-_PIPES: dict = {}
 
 
-def pipe_for(family):
-    if family not in _PIPES:
-        _PIPES[family] = FAMILIES[family](seed=0)
-    return _PIPES[family]
+
 
 
 def latents(pipe, family, **kw):

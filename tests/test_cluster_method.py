@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 import torch
-from tiny_pipelines import FAMILIES, SPARSE_SIZE, call_kwargs
+from tiny_pipelines import SPARSE_SIZE, call_kwargs, pipe_for
 
 import ditaccel
 from ditaccel.layout import PAD, TEXT, VIDEO, build_layout
@@ -379,13 +379,9 @@ def test_defaults_and_registry():
 # --------------------------------------------------------------------------------------------
 FOUR_FAMILIES = ["wan", "hunyuan_video", "cogvideox", "flux"]
 SMALL = dict(block_size=BS, q_clusters=8, k_clusters=16, iters_first=10, iters_step=2)
-_PIPES: dict = {}
 
 
-def pipe_for(family):
-    if family not in _PIPES:
-        _PIPES[family] = FAMILIES[family](seed=0)
-    return _PIPES[family]
+
 
 
 def run(pipe, family, size=None, **kw):

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from tiny_pipelines import FAMILIES, SPARSE_SIZE, call_kwargs
+from tiny_pipelines import SPARSE_SIZE, pipe_for, run_latents
 
 import ditaccel
 from ditaccel.layout import video_order
@@ -366,21 +366,13 @@ def test_conflicting_fields_raise():
 # end to end on the tiny pipelines
 # --------------------------------------------------------------------------------------------
 FOUR_FAMILIES = ["wan", "hunyuan_video", "cogvideox", "flux"]
-_PIPES: dict = {}
 
 
-def pipe_for(family):
-    if family not in _PIPES:
-        _PIPES[family] = FAMILIES[family](seed=0)
-    return _PIPES[family]
+
 
 
 def run(pipe, family, sparse_size=True, **kw):
-    kw.setdefault("output_type", "latent")
-    if sparse_size:
-        kw = {**SPARSE_SIZE[family], **kw}
-    out = pipe(**call_kwargs(family, pipe, **kw))
-    return torch.as_tensor(out.images if hasattr(out, "images") else out.frames)
+    return run_latents(pipe, family, sparse_size, **kw)
 
 
 def rel_err(a, b):

@@ -4,7 +4,7 @@ each with its source; otherwise a conservative choice marked not yet calibrated.
 from __future__ import annotations
 
 import pytest
-from tiny_pipelines import FAMILIES, call_kwargs
+from tiny_pipelines import call_kwargs, pipe_for
 
 import ditaccel
 from ditaccel.config import resolve_count
@@ -49,7 +49,7 @@ def test_every_adapter_states_its_source():
 
 
 def test_wan22_pipeline_gets_the_wan22_preset_and_follows_steps():
-    wan22 = FAMILIES["wan22"](seed=0)
+    wan22 = pipe_for("wan22")
     with ditaccel.accelerate(wan22) as handle:
         assert handle.config == WAN22_PRESET
         for steps in (4, 8):
@@ -57,7 +57,7 @@ def test_wan22_pipeline_gets_the_wan22_preset_and_follows_steps():
             wan22(**call_kwargs("wan22", wan22, steps=steps, output_type="latent"))
             dense = [s for s, v in handle.stats()["steps"].items() if v["dense_calls"] == v["calls"]]
             assert dense == list(range(resolve_count(11 / 40, steps))), steps
-    wan = FAMILIES["wan"](seed=0)
+    wan = pipe_for("wan")
     with ditaccel.accelerate(wan) as handle:
         assert handle.config == WAN21_PRESET
         wan(**call_kwargs("wan", wan, steps=5, output_type="latent"))

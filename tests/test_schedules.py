@@ -7,23 +7,17 @@ import math
 
 import pytest
 import torch
-from tiny_pipelines import FAMILIES, SPARSE_SIZE, call_kwargs
+from tiny_pipelines import SPARSE_SIZE, call_kwargs, pipe_for
 
 import ditaccel
 from ditaccel.config import resolve_count
 
-_PIPES: dict = {}
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
 
-
-def pipe_for(family):
-    if family not in _PIPES:
-        _PIPES[family] = FAMILIES[family](seed=0)
-    return _PIPES[family]
 
 
 def run(pipe, family, steps, **kw):

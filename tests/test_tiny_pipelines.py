@@ -16,6 +16,7 @@ from tiny_pipelines import (
     TEXT_LEN,
     build_wan,
     call_kwargs,
+    pipe_for,
     token_grid,
 )
 
@@ -31,7 +32,6 @@ SELF_ATTENTION = {
 }
 SEPARATE_CFG = {"wan", "wan22", "hunyuan_video", "flux"}  # cfg = a second transformer call per step
 
-_PIPES: dict = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,10 +43,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def pipe_for(family):
-    if family not in _PIPES:
-        _PIPES[family] = FAMILIES[family](seed=0)
-    return _PIPES[family]
+
 
 
 def frames(out):

@@ -442,17 +442,17 @@ def test_attention_kernel_compiles_for_h100(dtype, D, bq, bk, tiles, even_kv, ha
 
 
 def test_scoring_kernels_compile_for_h100():
-    from ditaccel.kernels import scoring
+    from ditaccel.kernels import scoring_triton
 
-    k = _compile_for_sm90(scoring._mean_pool_kernel, {"X": "*bf16", "Out": "*fp32"},
+    k = _compile_for_sm90(scoring_triton._mean_pool_kernel, {"X": "*bf16", "Out": "*fp32"},
                           dict(HEAD_DIM=96, HEAD_DIM_PAD=128, BLOCK_SIZE=128))
     assert k.metadata.shared <= H100_SHARED_BYTES
-    k = _compile_for_sm90(scoring._pooled_softmax_kernel, {"PQ": "*fp32", "PK": "*fp32", "Out": "*fp32",
+    k = _compile_for_sm90(scoring_triton._pooled_softmax_kernel, {"PQ": "*fp32", "PK": "*fp32", "Out": "*fp32",
                                                            "qk_scale": "fp32"},
                           dict(HEAD_DIM_PAD=128, BLOCK_Q=16, BLOCK_K=64))
     assert k.metadata.shared <= H100_SHARED_BYTES
     for stride in (8, 16):  # the launcher's tiles: 64 strided rows x 64 strided keys
-        k = _compile_for_sm90(scoring._antidiagonal_kernel, {"Q": "*bf16", "K": "*bf16", "Out": "*fp32",
+        k = _compile_for_sm90(scoring_triton._antidiagonal_kernel, {"Q": "*bf16", "K": "*bf16", "Out": "*fp32",
                                                              "qk_scale": "fp32"},
                               dict(HEAD_DIM=128, HEAD_DIM_PAD=128, STRIDE=stride, ROWS_PER_BLOCK=128 // stride,
                                    BLOCK_R=64, BLOCK_C=64, DOT_PRECISION="tf32"), 4, 3)

@@ -492,3 +492,27 @@ def token_grid(family: str, height: int | None = None, width: int | None = None,
         return (1, height // 16, width // 16)
     num_frames = size["num_frames"] if num_frames is None else num_frames
     return ((num_frames - 1) // 4 + 1, height // 16, width // 16)
+
+
+# --- shared by the test files (one build per family per session) ---------------------------------
+
+_SHARED: dict = {}
+
+
+def pipe_for(family: str):
+    """The tiny pipeline of ``family``, built once per test session and shared by every test file;
+    every test leaves it unwrapped (``remove()`` is bit-exact, tested)."""
+    if family not in _SHARED:
+        _SHARED[family] = FAMILIES[family](seed=0)
+    return _SHARED[family]
+
+
+def run_latents(pipe, family: str, sparse_size: bool = False, **kw) -> torch.Tensor:
+    """Final latents of one call (decoded frames would shrink differences); ``sparse_size``: a grid of
+    several blocks."""
+    kw.setdefault("output_type", "latent")
+    if sparse_size:
+        kw = {**SPARSE_SIZE[family], **kw}
+    out = pipe(**call_kwargs(family, pipe, **kw))
+    return torch.as_tensor(out.images if hasattr(out, "images") else out.frames)
+

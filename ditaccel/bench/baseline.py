@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runner import _now, write_json_atomic
+from ..eval.files import write_json_atomic
+from .matrix import now_utc as _now
 
 BASELINE_FORMAT = "ditaccel-bench-baseline/1"
 
@@ -145,6 +146,14 @@ def _number(x) -> float | None:
         return None
 
 
+def metric_value(metrics: dict, name: str):
+    """A cell's metric as a number: an output identical to dense has ``psnr`` null and
+    ``identical`` true (infinite PSNR); older files wrote the string "inf"."""
+    if name == "psnr" and metrics.get("identical") and metrics.get("psnr") is None:
+        return math.inf
+    return metrics.get(name)
+
+
 def compare_metric(name: str, base, now, tolerance: float) -> dict:
     """``{"metric", "baseline", "now", "bound", "verdict": "ok"|"regression"|"not measured", "rule"}``."""
     rule = RULES[name]
@@ -184,7 +193,8 @@ def compare_results(results: dict, baseline: dict, tolerances: dict | None = Non
         elif cell["status"] != "ok":
             row["status"] = "regression"
         else:
-            row["metrics"] = [compare_metric(name, base["metrics"].get(name), cell["metrics"].get(name), tol[name])
+            row["metrics"] = [compare_metric(name, metric_value(base["metrics"], name),
+                                             metric_value(cell["metrics"], name), tol[name])
                               for name in RULES]
             row["status"] = "regression" if any(m["verdict"] == "regression" for m in row["metrics"]) else "ok"
         rows.append(row)

@@ -13,10 +13,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .baseline import compare_results, format_diff, load_baseline, parse_tolerance_flags, save_baseline
 from .matrix import BenchMatrix, default_matrix, load_matrix, parse_method, parse_size
-from .report import format_table, write_outputs
-from .runner import BenchRun
 
 DESCRIPTION = (
     "Run a matrix of model x method x size x seed dense and accelerated on the same seeds; write "
@@ -40,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--prompt")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
-    p.add_argument("--warmup", type=int, metavar="N", help="untimed full calls before each timed call")
+    p.add_argument("--warmup", type=int, metavar="N", help="extra untimed full calls per side before timing")
+    p.add_argument("--repeats", type=int, metavar="N",
+                   help="interleaved timed runs per side per cell (default 1; 2+ lets the verdict judge noise)")
     p.add_argument("--shared-dense", action="store_true",
                    help="time one dense run per (model, size, seed) for all its methods instead of one right "
                         "before each accelerated run (cheaper; ratios drift when the machine is busy)")
@@ -82,7 +81,7 @@ def matrix_from_args(args) -> BenchMatrix:
     for name in ("seeds", "error_steps"):
         if getattr(args, name) is not None:
             changes[name] = tuple(getattr(args, name))
-    for name in ("device", "dtype", "prompt", "guidance", "warmup", "mask_layer", "mask_head"):
+    for name in ("device", "dtype", "prompt", "guidance", "warmup", "repeats", "mask_layer", "mask_head"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     try:
@@ -92,7 +91,15 @@ def matrix_from_args(args) -> BenchMatrix:
 
 
 def main(args) -> int:
-    """Run the bench described by parsed ``args``; returns the exit status (see the module doc)."""
+    """Run the bench described by parsed ``args``; returns the exit status (see the module doc).
+
+    The run's files go to a staging directory beside ``--out`` and replace the previous run's as one
+    set at the end (also after a first Ctrl-C, then marked incomplete); a second interrupt while
+    they are written leaves ``--out`` as it was."""
+    from .baseline import compare_results, format_diff, load_baseline, parse_tolerance_flags, save_baseline
+    from .report import format_table, write_outputs
+    from .runner import BenchRun
+
     matrix = matrix_from_args(args)
     tolerances = parse_tolerance_flags(args.tolerance)
     baseline = load_baseline(args.baseline) if args.baseline else None  # fail before the long run
@@ -105,16 +112,17 @@ def main(args) -> int:
         run.run()
     except KeyboardInterrupt:
         run.results["interrupted"] = True
-        run.save()
-        write_outputs(run)
+        _finish(run, write_outputs(run))
+        raise
+    except BaseException:
+        run.files.discard()  # --out keeps the previous run's files
         raise
     finally:
         metrics_log.setLevel(level)
     diff = compare_results(run.results, baseline, tolerances) if baseline is not None else None
     diff_text = format_diff(diff) if diff is not None else None
     run.results["baseline"] = diff
-    run.results["files"] = write_outputs(run, diff, diff_text)
-    run.save()
+    _finish(run, write_outputs(run, diff, diff_text))
     print(format_table(run.results, _rows(run)))
     print("\nwrote " + ", ".join(sorted(set(run.results["files"].values()))))
     if args.save_baseline:
@@ -124,7 +132,14 @@ def main(args) -> int:
     return 1 if diff is not None and diff["regressions"] else 0
 
 
-def _rows(run: BenchRun):
+def _finish(run, files: dict) -> None:
+    """results.json with the files' final paths, then the whole set swapped into ``--out``."""
+    run.results["files"] = {k: run.files.final(v) for k, v in files.items()}
+    run.save()
+    run.commit()
+
+
+def _rows(run):
     from .runner import aggregate
 
     return aggregate(run.results["cells"])

@@ -128,6 +128,7 @@ class BenchMatrix:
     prompt: str | None = None
     guidance: float | None = None
     warmup: int = 0
+    repeats: int = 1
     paired_timing: bool = True
     error_steps: tuple[int, ...] | None = None
     mask_layer: int | None = None
@@ -167,6 +168,7 @@ class BenchMatrix:
         if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float))):
             raise ValueError(f"guidance must be a number or null, got {self.guidance!r}")
         _positive("warmup", self.warmup, allow_none=False, minimum=0)
+        _positive("repeats", self.repeats, allow_none=False, minimum=1)
         if not isinstance(self.paired_timing, bool):
             raise ValueError(f"paired_timing must be true or false, got {self.paired_timing!r}")
         if self.error_steps is not None:
@@ -196,6 +198,12 @@ class BenchMatrix:
         d["methods"] = self.methods if isinstance(self.methods, str) else [m.to_dict() for m in self.methods]
         d["sizes"] = [s.to_dict() for s in self.sizes]
         return d
+
+
+def now_utc() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def default_matrix() -> BenchMatrix:

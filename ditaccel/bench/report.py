@@ -13,12 +13,14 @@ import math
 import re
 from pathlib import Path
 
-from .plots import block_mask_figure, density_heatmaps, pareto_chart
-from .runner import BenchRun, _size_label, aggregate, atomic_path
+from ..eval.files import atomic_path
+from ..eval.media import write_image
+from ..eval.plots import block_mask_figure, density_heatmaps, pareto_chart
+from .runner import BenchRun, _size_label, aggregate
 
 CSV_COLUMNS = (
     "key", "model", "method", "label", "height", "width", "frames", "steps", "seed", "status", "error",
-    "psnr", "psnr_min", "ssim", "lpips", "latent_rel_l2", "attention_error", "density", "speedup",
+    "psnr", "identical", "psnr_min", "ssim", "lpips", "latent_rel_l2", "attention_error", "density", "speedup",
     "speedup_sparse_steps", "dense_mean_step_ms", "accel_mean_step_ms", "attention_share", "wall_s", "baseline",
 )
 
@@ -83,7 +85,24 @@ def write_figures(run: BenchRun, rows: list[dict]) -> dict[str, dict[str, str]]:
                                       run.out / f"{prefix}block_mask.png", f"block maps: {title}"),
         }
         figures[title] = {k: str(v) for k, v in paths.items() if v is not None}
+        frames = []
+        for r in group_rows:
+            picture = run.key_frames.get((model, r["label"], size))
+            if picture is not None:
+                path = run.out / f"{prefix}frames_{_slug(r['label'])}.png"
+                with atomic_path(path) as tmp:
+                    write_image(tmp, picture[None])
+                frames.append((r["label"], str(path)))
+        figures[title]["frames"] = frames
     return figures
+
+
+def _first_cells(results: dict, model: str, size: str) -> list[dict]:
+    first = {}
+    for c in results["cells"]:
+        if c["model"] == model and _size_label(c) == size and c["status"] == "ok":
+            first.setdefault(c["label"], c)
+    return list(first.values())
 
 
 def _first_seed(first_ok: dict) -> str:
@@ -112,6 +131,10 @@ TABLE_COLUMNS = (  # (header, row key, format)
 def _cell_text(row: dict, key: str, spec: str) -> str:
     if key == "ok":
         return f"{row['ok']}/{row['seeds']}"
+    if key == "speedup":  # dense / accelerated; '?' marks a figure the timing noise does not support
+        return _f(row.get(key), spec) + ("" if row.get("conclusive") or row.get(key) is None else "?")
+    if key == "psnr" and row.get("identical"):
+        return "identical"
     if spec == "s":
         return str(row[key])
     return _f(row.get(key), spec)
@@ -131,6 +154,8 @@ def format_table(results: dict, rows: list[dict]) -> str:
     failed = [c for c in results["cells"] if c["status"] != "ok"]
     if failed:
         lines += ["", f"{len(failed)} failing cell(s):"] + [f"  {c['key']}: {c['error']}" for c in failed]
+    lines += ["", "speedup = dense time / accelerated time over the denoising loop (>1 = faster); "
+              "'?' = inconclusive (one repeat, spread or drift > 20%, or a loaded machine)"]
     return "\n".join(lines)
 
 
@@ -168,7 +193,9 @@ def render_html(results: dict, rows: list[dict], figures: dict, diff: dict | Non
          f"{incomplete}. {html.escape(versions)}.</p>"),
         (f"<p>Seeds {html.escape(str(m['seeds']))}; attention error sampled at steps "
          f"{html.escape(str(error_steps))}, which are left out of the step timings of both sides. "
-         "Speedup = dense / accelerated time over the same steps.</p>"),
+         "Speedup = dense time / accelerated time over the denoising loop (&gt;1 = faster; the same steps on "
+         "both sides); '?' marks a figure the timing noise does not support (one repeat, spread or drift "
+         "&gt; 20%, or a loaded machine).</p>"),
     ]
     if diff is not None:
         cls = "bad" if diff["regressions"] else ""
@@ -180,6 +207,14 @@ def render_html(results: dict, rows: list[dict], figures: dict, diff: dict | Non
         body = [[_cell_text(r, k, s) for _, k, s in TABLE_COLUMNS] for r in group]
         parts += [f"<h2>{html.escape(title)}</h2>", "<p>Means over seeds.</p>",
                   _html_table([h for h, _, _ in TABLE_COLUMNS], body)]
+        verdicts = [(c["label"], c.get("verdicts") or []) for c in _first_cells(results, model, size)]
+        if verdicts:
+            parts += ["<h3>Verdicts (first seed)</h3>", "<ul>" + "".join(
+                f"<li><b>{html.escape(label)}</b>: {html.escape('; '.join(v))}</li>" for label, v in verdicts) + "</ul>"]
+        frames = figures.get(title, {}).get("frames") or []
+        if frames:
+            parts.append("<h3>Key frames (first, middle, last): dense | accelerated | difference x4</h3>")
+            parts += [f"<h4>{html.escape(label)}</h4>{_img(path)}" for label, path in frames]
         for name, caption in (("pareto", "Speedup vs PSNR"), ("density", "Density over layers x steps"),
                               ("mask", "Block map of one layer/head (the last step)")):
             path = figures.get(title, {}).get(name)
@@ -201,7 +236,9 @@ def write_outputs(run: BenchRun, diff: dict | None = None, diff_text: str | None
     figures = write_figures(run, rows)
     for title, paths in figures.items():
         for name, path in paths.items():
-            files[f"{name}: {title}" if len(figures) > 1 else name] = path
+            for label, p in (path if name == "frames" else [(None, path)]):
+                key = name if label is None else f"{name} {label}"
+                files[f"{key}: {title}" if len(figures) > 1 else key] = p
     report = run.out / "report.html"
     with atomic_path(report) as tmp:
         tmp.write_text(render_html(results, rows, figures, diff, diff_text))

@@ -6,7 +6,8 @@
 :func:`build_app` returns the ``gr.Blocks`` (``app.py``), :func:`launch` serves it, and
 :func:`add_parser` / :func:`main` are the ``ditaccel demo`` subcommand (also ``python -m ditaccel.demo``).
 The server binds to 127.0.0.1 unless a host is given, never opens a public share link, and loads
-models through ``ditaccel.compare.load_pipeline``. Gradio is imported only when a page is built.
+models through ``ditaccel.eval.runs.load_pipeline``. Gradio is imported only when a page is built, and
+torch only when a server starts (``ditaccel --help`` must answer at once).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import logging
 import signal
 import threading
 
-from .app import INITIAL, build_app
-from .session import DemoSession
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,9 @@ def launch(host: str = LOOPBACK, port: int = DEFAULT_PORT, *, session: DemoSessi
     ``block=True`` serves until interrupted, then frees the session. With ``block=False`` the caller
     stops it with ``app.close()`` (and ``session.close()``).
     """
+    from .app import build_app
+    from .session import DemoSession
+
     check_address(host, port)
     if host not in (LOOPBACK, "localhost", "::1"):
         logger.warning("ditaccel demo: serving on %s — anyone who can reach it can run generations here", host)
@@ -118,6 +120,8 @@ def main(args: argparse.Namespace) -> int:
         # ``kill``/``docker stop`` send SIGTERM: stop like Ctrl-C, so Gradio closes the server and the
         # session removes its files.
         signal.signal(signal.SIGTERM, _terminate)
+    from .session import DemoSession
+
     try:
         session = DemoSession(args.device, args.dtype, dense_cache_size=args.dense_cache)
         launch(args.host, args.port, session=session, model=args.model, initial=initial, block=True)
@@ -126,6 +130,18 @@ def main(args: argparse.Namespace) -> int:
         # still starting up (after it answers, before Gradio waits) comes here, already cleaned up.
         pass
     return 0
+
+
+def __getattr__(name):  # the page and the session import torch: load them on first use
+    if name in ("INITIAL", "build_app"):
+        from . import app
+
+        return getattr(app, name)
+    if name == "DemoSession":
+        from .session import DemoSession
+
+        return DemoSession
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["INITIAL", "DemoSession", "add_parser", "build_app", "build_parser", "launch", "main"]

@@ -36,30 +36,39 @@ def _method_choices(methods) -> list[tuple[str, str]]:
 
 
 def _fmt(x, spec: str) -> str:
-    return "n/a" if x is None else ("inf" if isinstance(x, float) and x == float("inf") else format(x, spec))
+    """A number for the page: None/missing -> "n/a"; anything that is not a finite number as text."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "n/a" if x is None else str(x)
+    return format(x, spec) if x == x and abs(x) != float("inf") else str(x)
 
 
 def summary_markdown(result: DemoResult) -> str:
-    """The figures a user compares first: times, speedup, density, PSNR/SSIM."""
+    """The figures a user compares first — times, speedup, density, quality — and the verdicts."""
     r = result.report
-    t, q, dens = r["timing"], r["quality"], r["density"]
-    cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k != "method")
-    cached = " (cached: same model, prompt, seed, steps and size)" if result.dense_cached else ""
-    lpips = _fmt(q.get("lpips"), ".4f") if q.get("lpips") is not None else "n/a (weights not present locally)"
+    t, q, dens = r.get("timing") or {}, r.get("quality") or {}, r.get("density") or {}
+    cfg = ", ".join(f"{k}={v}" for k, v in (r.get("config") or {}).items() if k != "method")
+    cached = " (cached: same model, prompt, seed, steps and size)" if r.get("dense_cached") else ""
+    lpips = _fmt(q.get("lpips"), ".4f") if q.get("lpips") is not None else \
+        f"n/a ({q.get('lpips_note') or 'not computed'})"
+    psnr = "identical (∞)" if q.get("identical") else f"{_fmt(q.get('psnr'), '.2f')} dB"
+    grid = r.get("grid")
     return "\n".join([
-        f"**{r['pipeline']}** ({r['model']}) on {r['device']}, {r['dtype']}; latent grid {r['grid']}",
+        f"**{r.get('pipeline')}** ({r.get('model')}) on {r.get('device')}, {r.get('dtype')}; "
+        f"latent grid {'x'.join(map(str, grid)) if grid else 'n/a'}",
         "",
-        "| | dense | " + r["method"] + " |",
+        "| | dense | " + str(r.get("method")) + " |",
         "|---|---|---|",
-        f"| denoising loop | {t['dense']['denoise_ms']:.0f} ms{cached} | {t['accelerated']['denoise_ms']:.0f} ms |",
-        f"| whole call | {t['dense']['total_ms']:.0f} ms | {t['accelerated']['total_ms']:.0f} ms |",
+        f"| denoising loop | {_fmt(t.get('dense_median_ms'), '.0f')} ms{cached} | "
+        f"{_fmt(t.get('accel_median_ms'), '.0f')} ms |",
         "",
-        f"**speedup {_fmt(t['speedup'], '.2f')}×** over the denoising loop "
-        f"({_fmt(t['speedup_median_sparse_step'], '.2f')}× median sparse step) · "
-        f"**density {_fmt(dens['mean'], '.3f')}** · **PSNR {_fmt(q['psnr'], '.2f')} dB** · "
-        f"**SSIM {_fmt(q['ssim'], '.4f')}** · LPIPS {lpips} · latent rel-L2 {_fmt(q['latent_rel_l2'], '.3g')}",
+        f"**speed: {t.get('verdict', 'n/a')}** (dense time ÷ accelerated time over the denoising loop, "
+        f">1 = faster: {_fmt(t.get('speedup'), '.2f')}) · **density {_fmt(dens.get('mean'), '.3f')}** · "
+        f"**PSNR {psnr}** · **SSIM {_fmt(q.get('ssim'), '.4f')}** · LPIPS {lpips} · "
+        f"latent rel-L2 {_fmt(q.get('latent_rel_l2'), '.3g')}",
         "",
-        f"method `{r['method']}`: {cfg}",
+        *[f"- {line}" for line in r.get("verdicts") or []],
+        "",
+        f"method `{r.get('method')}`: {cfg}",
     ])
 
 

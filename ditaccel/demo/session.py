@@ -13,7 +13,6 @@ one sparse layer of the last step, caught with ``handle.observe``) are drawn by 
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
 import threading
 from collections import OrderedDict
@@ -23,19 +22,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..bench.plots import block_mask_figure, density_heatmaps
-from ..bench.runner import MaskProbe
-from ..compare import (
-    RunResult,
-    call_arguments,
-    jsonable,
-    load_pipeline,
-    resolve_device,
-    resolve_dtype,
-    timed_run,
-    warm_up,
-    write_media,
-)
+from ..eval.plots import block_mask_figure, density_heatmaps
+from ..eval.probe import MaskProbe
+from ..eval.record import Comparison
+from ..eval.runs import RunResult, call_arguments, load_pipeline, resolve_device, resolve_dtype
 
 EMBEDDED = "embedded"
 PRESET = "preset"  # the method choice that means "preset config (the family's, or the embedded pipeline's)"
@@ -99,20 +89,32 @@ class GenerateRequest:
 
 @dataclass
 class DemoResult:
-    """One generation: both runs, the accelerated run's stats, quality, files and a JSON-safe report."""
+    """One generation: the engine's comparison, the files and the page's JSON report."""
 
     request: GenerateRequest
-    dense: RunResult
-    accelerated: RunResult
-    dense_cached: bool
-    stats: dict
-    quality: dict
-    files: dict[str, str | None]  # dense, accelerated, side_by_side; heatmap, block_map (None: nothing drawn)
+    comparison: Comparison
+    files: dict[str, str | None]  # dense, accelerated, side_by_side(_png); heatmap, block_map (None: nothing drawn)
     report: dict
 
+    @property
+    def dense(self) -> RunResult:
+        return self.comparison.dense
 
-def _ratio(num, den):
-    return num / den if num is not None and den else None
+    @property
+    def accelerated(self) -> RunResult:
+        return self.comparison.accelerated
+
+    @property
+    def dense_cached(self) -> bool:
+        return self.comparison.dense_cached
+
+    @property
+    def stats(self) -> dict:
+        return self.comparison.stats
+
+    @property
+    def quality(self) -> dict:
+        return self.comparison.quality
 
 
 class DemoSession:
@@ -154,7 +156,7 @@ class DemoSession:
     def family_configs(self, model: str | None, methods) -> tuple[str, dict]:
         """(family name, {method: config}) — the configs ``accelerate(pipe, method)`` would use, with
         the family's tuned defaults; and under :data:`PRESET`, the preset for this pipeline."""
-        from ..accelerate import resolve_config
+        from ..handle import resolve_config
         from ..pipelines import find_adapter
 
         pipe, _ = self.pipeline(model)
@@ -171,11 +173,8 @@ class DemoSession:
     def generate(self, request: GenerateRequest, method: str | None, overrides: dict | None = None,
                  progress: Progress | None = None) -> DemoResult:
         """Dense (cached) and accelerated runs of ``request``; ``method`` None or "preset": the preset."""
-        import ditaccel
-
-        from ..accelerate import resolve_config
-        from ..metrics import compare_media
-        from ..pipelines import find_adapter
+        from ..eval.engine import evaluate, resolve
+        from ..eval.media import write_media
 
         say = progress or (lambda fraction, desc: None)
         method = None if method in (None, PRESET) else method
@@ -184,51 +183,36 @@ class DemoSession:
             pipe, defaults = self.pipeline(request.model)
             kwargs = call_arguments(pipe, defaults, request.prompt, steps=request.steps, height=request.height,
                                     width=request.width, frames=request.frames)
-            config = resolve_config(find_adapter(pipe), method, dict(overrides or {}), pipe)
+            _, config = resolve(pipe, method, overrides)
 
             key = (request, str(self.device), str(self.dtype))
-            dense = self._dense.get(key)
-            dense_cached = dense is not None
-            if dense is None:
-                say(0.05, "dense run")
-                # As in ``compare``: an untimed 1-step call absorbs first-call costs before the timed run.
-                warm_up(pipe, dict(kwargs, num_inference_steps=1), seed=request.seed, runs=1)
-                dense = timed_run(pipe, kwargs, seed=request.seed, device=self.device, label="dense")
-                self._dense[key] = dense
+            cached = self._dense.get(key)
+            if cached is not None:
+                self._dense.move_to_end(key)
+            say(0.05 if cached is None else 0.5, "dense run" if cached is None else f"{config.method} run")
+            probe = MaskProbe(config, step=request.steps - 1, layer=None)  # the last step, first sparse layer
+            record = evaluate(pipe, config, call=kwargs, seed=request.seed, repeats=1, model_name=request.label,
+                              dense_runs=None if cached is None else [cached], observe=probe, progress=True,
+                              say=lambda line: say(0.5, line) if line.startswith(config.method) else None)
+            if cached is None:
+                self._dense[key] = record.dense
                 if len(self._dense) > self.dense_cache_size:
                     self._dense.popitem(last=False)
-            else:
-                self._dense.move_to_end(key)
-
-            say(0.5, f"{config.method} run")
-            probe = MaskProbe(config, step=request.steps - 1, layer=None)  # the last step, first sparse layer
-            seen: dict = {}
-
-            def observe(info, q, k, v):
-                seen.setdefault("grid", list(info["grid"]))
-                probe(info, q, k, v)
-
-            with ditaccel.accelerate(pipe, config) as handle:
-                handle.observe(observe)
-                accel = timed_run(pipe, kwargs, seed=request.seed, device=self.device, label=config.method)
-                stats = handle.stats()
 
             say(0.9, "metrics and pictures")
-            quality = compare_media(dense.media, accel.media, reference_latents=dense.latents,
-                                    test_latents=accel.latents)
             out = self._result_dir()
-            files = write_media(out, dense, accel, fps=self.fps)
-            mean = stats["mean_density"]
-            heatmap = density_heatmaps([(config.method, stats["per_layer_step"])], out / "density.png",
+            files = write_media(out, record.dense, record.accelerated, label=config.method, fps=self.fps)
+            mean = record.stats["mean_density"]
+            heatmap = density_heatmaps([(config.method, record.stats["per_layer_step"])], out / "density.png",
                                        title="density per layer and step"
                                              + (f" (mean {mean:.3f})" if mean is not None else ""))
             block_map = block_mask_figure([(config.method, probe.block_map(head=0))], out / "block_map.png",
                                           title=f"{config.method}: blocks computed (head 0)")
             files.update(heatmap=str(heatmap) if heatmap else None, block_map=str(block_map) if block_map else None)
-            report = self._report(request, kwargs, config, dense, accel, dense_cached, stats, quality, files,
-                                  seen.get("grid"))
+            record.files = files
+            report = record.to_dict() | {"media": "video" if record.dense.is_video else "image"}
             say(1.0, "done")
-            return DemoResult(request, dense, accel, dense_cached, stats, quality, files, report)
+            return DemoResult(request, record, files, report)
 
     def _result_dir(self) -> Path:
         """A fresh directory per result; Gradio copies the files it serves, so old ones are pruned."""
@@ -239,37 +223,6 @@ class DemoSession:
         while len(self._results) > self.keep_results:
             shutil.rmtree(self._results.pop(0), ignore_errors=True)
         return out
-
-    def _report(self, request, kwargs, config, dense, accel, dense_cached, stats, quality, files, grid) -> dict:
-        d, a = dense.timing(), accel.timing()
-        per_step = stats.get("steps") or {}
-        densities = [per_step[i]["density"] if i in per_step else None for i in range(len(a["step_ms"]))]
-        sparse = [d_ms / a_ms for d_ms, a_ms, dens in zip(d["step_ms"], a["step_ms"], densities)
-                  if dens is not None and dens < 1 and a_ms > 0]
-        report = {
-            "model": request.label,
-            "pipeline": type(self._pipe).__name__,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "method": config.method,
-            "config": config.to_dict(),
-            "call": {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
-                    | {"seed": request.seed},
-            "media": "video" if dense.is_video else "image",
-            "grid": grid,
-            "dense_cached": dense_cached,
-            "timing": {
-                "dense": d, "accelerated": a,
-                "speedup": _ratio(d["denoise_ms"], a["denoise_ms"]),
-                "speedup_total": _ratio(d["total_ms"], a["total_ms"]),
-                "speedup_median_sparse_step": statistics.median(sparse) if sparse else None,
-            },
-            "density": {"mean": stats["mean_density"], "calls": stats["calls"], "per_step": densities},
-            "quality": quality,
-            "attention_time_ms": stats.get("attention_time_ms"),
-            "files": files,
-        }
-        return jsonable(report)
 
     def close(self) -> None:
         with self._lock:

@@ -13,7 +13,6 @@ over queries, heads and denoising steps, per layer.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,37 +116,6 @@ def local_mass(q: torch.Tensor, k: torch.Tensor, near: torch.Tensor, chunk: int 
     return total / (B * S)
 
 
-@contextlib.contextmanager
-def capture_self_attention(transformer, fn):
-    """Call ``fn(layer, q, k)`` for every ``blocks[i].attn1`` call of a ``WanTransformer3DModel``.
-
-    q, k are ``[B, S, H, D]`` exactly as the attention product sees them (after the norms and RoPE):
-    the module-level ``dispatch_attention_fn`` of diffusers' Wan processor is wrapped while a block's
-    ``attn1`` runs. Used until ditaccel's ``handle.observe`` is available.
-    """
-    from diffusers.models.transformers import transformer_wan
-
-    original = transformer_wan.dispatch_attention_fn
-    current = {"layer": None}
-
-    def dispatch(query, key, value, *args, **kwargs):
-        if current["layer"] is not None and query.shape[1] == key.shape[1]:
-            fn(current["layer"], query, key)
-        return original(query, key, value, *args, **kwargs)
-
-    handles = []
-    for i, block in enumerate(transformer.blocks):
-        handles.append(block.attn1.register_forward_pre_hook(lambda m, a, i=i: current.update(layer=i)))
-        handles.append(block.attn1.register_forward_hook(lambda m, a, o: current.update(layer=None)))
-    transformer_wan.dispatch_attention_fn = dispatch
-    try:
-        yield
-    finally:
-        transformer_wan.dispatch_attention_fn = original
-        for h in handles:
-            h.remove()
-
-
 def attention_locality(pipe, prompt: str, tile=(1, 4, 4), seed: int = 0, **call) -> list[float]:
     """Per layer: mean attention mass within the 3x3x3 tiles around each query, over a whole call."""
     transformer = pipe.transformer
@@ -165,7 +133,13 @@ def attention_locality(pipe, prompt: str, tile=(1, 4, 4), seed: int = 0, **call)
         sums[layer] = sums.get(layer, 0.0) + float(local_mass(q, k, near).mean())
         counts[layer] = counts.get(layer, 0) + 1
 
-    with capture_self_attention(transformer, record), torch.no_grad():
+    import ditaccel
+
+    # Every step dense through the model's own attention; observe() sees each self-attention's q, k
+    # (after the norms and RoPE) before that.
+    steps = call.get("num_inference_steps", 50)
+    with ditaccel.accelerate(pipe, "dense", dense_steps=steps) as handle, torch.no_grad():
+        handle.observe(lambda info, q, k, v: record(info["layer"], q, k))
         pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **call)
     return [sums[i] / counts[i] for i in sorted(sums)]
 
