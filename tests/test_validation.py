@@ -13,6 +13,11 @@ from ditaccel.config import AttentionConfig, knob
 from ditaccel.methods import AttentionMethod
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
 def state(model):
     return [(n, "forward" in m.__dict__, hasattr(m, "_diffusers_hook"),
              dict(vars(m.processor)) if getattr(m, "processor", None) is not None else None)
