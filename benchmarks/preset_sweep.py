@@ -2,9 +2,12 @@
 
     python benchmarks/preset_sweep.py --json benchmarks/preset_sweep.json     # the embedded default
 
-Prints, per config: mean density, median step time and its ratio to dense, PSNR / SSIM / latent
-error against the dense output. This is how the embedded pipeline's preset was chosen
-(``ditaccel/pipelines/embedded.py``, ``PRESET``); add configs with ``--config 'method k=v ...'``.
+Each config is one run of the evaluation engine (``ditaccel.eval.evaluate``) given the one dense
+run (so its timing is not interleaved: for speed figures that mean something use
+``ditaccel compare``'s interleaved repeats). Prints, per config: mean density, the speedup (dense
+time / accelerated time over the denoising loop), PSNR / SSIM / latent error against dense and the
+quality band. This is how the embedded pipeline's preset was chosen (``ditaccel/pipelines/embedded.py``,
+``PRESET``); add configs with ``--config 'method k=v ...'``.
 """
 
 from __future__ import annotations
@@ -12,14 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import time
 
 import torch
 
-import ditaccel
 from ditaccel.cli import parse_set
-from ditaccel.compare import call_arguments, load_pipeline, timed_run, warm_up
-from ditaccel.metrics import compare_media
+from ditaccel.eval import call_arguments, evaluate, jsonable, load_pipeline, timed_run, warm_up
 from ditaccel.pipelines.embedded import DEFAULT_PROMPT
 
 CONFIGS = (
@@ -57,34 +57,31 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe, defaults = load_pipeline(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     kwargs = call_arguments(pipe, defaults, DEFAULT_PROMPT, steps=args.steps)
-    warm_up(pipe, dict(kwargs, num_inference_steps=1), seed=args.seed, runs=1)
+    warm_up(pipe, kwargs, seed=args.seed, steps=1)
     dense = timed_run(pipe, kwargs, seed=args.seed, device=device, label="dense", progress=False)
-    dense_ms = dense.timing()["median_step_ms"]
-    print(f"dense: median step {dense_ms:.0f} ms  ({', '.join(f'{k}={v}' for k, v in kwargs.items() if k != 'prompt_embeds')})")
-    print(f"{'config':58} {'density':>8} {'step ms':>8} {'speedup':>8} {'PSNR':>6} {'SSIM':>6} {'latent':>7}")
+    print(f"dense: loop {dense.loop_s * 1e3:.0f} ms  "
+          f"({', '.join(f'{k}={v}' for k, v in kwargs.items() if k != 'prompt_embeds')})")
+    print(f"{'config':58} {'density':>8} {'loop ms':>8} {'speedup':>8} {'PSNR':>6} {'SSIM':>6} {'latent':>7}  quality")
     rows = []
     for text in args.config or CONFIGS:
         method, overrides = parse_config(text)
-        start = time.perf_counter()
-        handle = ditaccel.accelerate(pipe, method, **overrides)
-        try:
-            run = timed_run(pipe, kwargs, seed=args.seed, device=device, label=method, progress=False)
-            stats = handle.stats()
-        finally:
-            handle.remove()
-        q = compare_media(dense.media, run.media, reference_latents=dense.latents, test_latents=run.latents,
-                          with_lpips=False)
-        step_ms = run.timing()["median_step_ms"]
-        row = dict(config=text, density=stats["mean_density"], median_step_ms=step_ms,
-                   speedup_median_step=dense_ms / step_ms, psnr=q["psnr"], ssim=q["ssim"],
-                   latent_rel_l2=q.get("latent_rel_l2"), wall_s=time.perf_counter() - start)
+        r = evaluate(pipe, method, overrides=overrides, call=kwargs, seed=args.seed, repeats=1, dense_runs=[dense],
+                     progress=False)
+        q, t = r.quality, r.timing
+        row = dict(config=text, density=r.stats["mean_density"], loop_ms=t.accel_median_ms, speedup=t.speedup,
+                   speedup_sparse_steps=t.speedup_sparse_steps, psnr=q["psnr"], identical=q["identical"],
+                   ssim=q["ssim"], latent_rel_l2=q.get("latent_rel_l2"), band=r.quality_verdict["band"],
+                   wall_s=r.wall_s)
         rows.append(row)
-        print(f"{text:58} {row['density']:8.3f} {step_ms:8.0f} {row['speedup_median_step']:7.2f}x "
-              f"{row['psnr']:6.1f} {row['ssim']:6.3f} {row['latent_rel_l2'] or float('nan'):7.3f}", flush=True)
+        psnr = "   inf" if q["identical"] else f"{row['psnr']:6.1f}"
+        print(f"{text:58} {row['density']:8.3f} {row['loop_ms']:8.0f} {row['speedup']:7.2f}x "
+              f"{psnr} {row['ssim']:6.3f} {row['latent_rel_l2'] or float('nan'):7.3f}  {row['band']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(call={k: v for k, v in kwargs.items() if isinstance(v, (str, int, float))},
-                           device=str(device), dense_median_step_ms=dense_ms, rows=rows), f, indent=1)
+            json.dump(jsonable(dict(call={k: v for k, v in kwargs.items() if isinstance(v, (str, int, float))},
+                                    device=str(device), dense_loop_ms=dense.loop_s * 1e3,
+                                    speedup="dense time / accelerated time over the denoising loop (>1 = faster)",
+                                    rows=rows)), f, indent=1)
     return 0
 
 

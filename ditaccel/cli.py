@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "side-by-side and a JSON of every figure.",
                        epilog="examples:\n"
                               "  ditaccel compare\n"
-                              "  ditaccel compare --method xattn --set threshold=0.9 --set dense_steps=4\n"
-                              "  ditaccel compare --method window --set kernel_size=3,11,11 --set block_size=64\n"
+                              "  ditaccel compare --method xattn --set block_size=64 --set threshold=0.93\n"
+                              "  ditaccel compare --method heads --set dense_steps=4 --set block_size=64\n"
                               "  ditaccel compare --steps 4 --repeats 1 --json -",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .eval.record import write_json
-from .eval.text import format_report, header, large_grid_warning
+from .eval.text import effective_knobs, format_report, header, large_grid_warning
 
 EMBEDDED_PIXELS = 17 * 144 * 192  # the embedded pipeline's call: 17 frames of 144 x 192
 
@@ -49,7 +49,7 @@ def run_compare(*, pipe=None, model: str | None = None, defaults: dict | None = 
     shape = call_shape(pipe, kwargs)
     device_type = str(pipe._execution_device).split(":")[0]
     for line in header(name, type(pipe).__name__, str(pipe._execution_device), str(pipe.dtype).replace("torch.", ""),
-                       shape, config.method, config.to_dict()):
+                       shape, config.method, effective_knobs(config)):
         say(line)
     warning = large_grid_warning(device_type, shape, EMBEDDED_PIXELS)
     if warning:

@@ -134,9 +134,27 @@ def _snapshot_module(module: torch.nn.Module):
 def accelerate(pipe, method: str | AttentionConfig | None = None, **overrides) -> AccelerationHandle:
     """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
 
-    ``method``: None (the preset: the family's, or the embedded pipeline's own), a method name
-    (``ditaccel.METHODS``) or a config instance; ``overrides`` are that config's fields, e.g.
-    ``window=(3, 3, 3), dense_steps=2``.
+    Args:
+        pipe: a diffusers pipeline (``WanPipeline``, ``HunyuanVideoPipeline``, ``FluxPipeline``, ...)
+            or a bare transformer of a supported family (``ditaccel.SUPPORTED_FAMILIES``).
+        method: None for the preset (the family's, or the embedded pipeline's own), a method name
+            (one of ``ditaccel.METHODS``; ``ditaccel methods`` lists their knobs) or a config
+            instance such as ``ditaccel.TileConfig(window=(3, 3, 3))``.
+        **overrides: that config's fields, e.g. ``window=(3, 3, 3), dense_steps=2``.
+
+    Returns:
+        An :class:`AccelerationHandle`: ``stats()``, ``observe(fn)``, ``track_attention_error(steps)``,
+        ``reset_stats()``, ``remove()`` (the pipeline back, bit-identical), and a context manager.
+
+    Raises:
+        ValueError: an unsupported model (the message lists the supported families), an unknown
+            method or field, a value out of range (the message names the field, the value and what
+            is allowed), or a pipeline that is already accelerated. Nothing is changed then.
+
+    Example:
+        >>> handle = ditaccel.accelerate(pipe, "tile", window=(3, 3, 3), dense_steps=2)  # doctest: +SKIP
+        >>> video = pipe(prompt, num_inference_steps=20).frames[0]  # doctest: +SKIP
+        >>> handle.stats()["mean_density"], handle.remove()  # doctest: +SKIP
     """
     adapter = find_adapter(pipe)
     config = resolve_config(adapter, method, overrides, pipe)

@@ -9,8 +9,18 @@ def _fmt(x, spec: str = ".3f", none: str = "n/a") -> str:
     return none if x is None else format(x, spec)
 
 
+def effective_knobs(config) -> dict:
+    """The config's fields with the values that act: a ``None`` that stands for a default rule
+    (topk's ``topk=None`` with no ``cdf`` acts as 0.25) shows that value."""
+    knobs = config.to_dict()
+    rule = getattr(config, "selection_rule", None)
+    if callable(rule):
+        knobs.update(rule())
+    return knobs
+
+
 def header(model: str, pipeline: str, device: str, dtype: str, shape: dict, method: str, config: dict) -> list[str]:
-    """What will run, printed before the first (long) run."""
+    """What will run, printed before the first (long) run (``config``: :func:`effective_knobs`)."""
     size = " x ".join(str(shape[k]) for k in ("frames", "height", "width") if shape.get(k) is not None)
     knobs = ", ".join(f"{k}={v}" for k, v in config.items() if k != "method")
     return [f"ditaccel compare: {pipeline} ({model}) on {device}, {dtype}; {size or 'default size'}, "
