@@ -20,6 +20,7 @@ _EXPORTS = {
     "METHODS": ".methods", "DenseConfig": ".methods", "WindowConfig": ".methods", "TileConfig": ".methods",
     "RadialConfig": ".methods", "TopKConfig": ".methods", "XAttnConfig": ".methods", "HeadsConfig": ".methods",
     "ClusterConfig": ".methods", "SUPPORTED_FAMILIES": ".pipelines", "ModelSpec": ".pipelines", "evaluate": ".eval",
+    "register_method": ".methods", "unregister_method": ".methods",
 }
 _MODULES = ("metrics", "eval", "methods", "pipelines", "kernels")
 

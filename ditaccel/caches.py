@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from .config import AttentionConfig
+from .methods.base import resolved_dense_steps
 
 COND, UNCOND = "cond", "uncond"
 
@@ -59,7 +60,7 @@ class CrossStepCaches:
             if cfg.renormalise and not cfg.layer_is_dense(ctx.layer):
                 self._measure_mass(ctx, executor, self.method.plan_for(ctx, q, k))
             outcome, density = "dense", 1.0
-        elif cfg.residual_refresh and (ctx.step - cfg.dense_steps) % cfg.residual_refresh == 0:
+        elif cfg.residual_refresh and (ctx.step - resolved_dense_steps(cfg, ctx.dense_steps)) % cfg.residual_refresh == 0:
             out = dense()
             sparse = executor.run(plan)
             if cfg.renormalise:

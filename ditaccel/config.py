@@ -18,7 +18,10 @@ from typing import Any, ClassVar
 BLOCK_SIZES = (64, 128)
 BACKENDS = ("auto", "triton", "grouped", "flex", "reference")
 ORDERS = ("raster", "tile", "hilbert", "transpose")
-KINDS = ("int", "float", "optional_float", "choice", "bool", "axes", "optional_axes", "layers", "steps")
+KINDS = ("int", "float", "optional_float", "choice", "bool", "axes", "optional_axes", "layers", "steps",
+         "count_or_fraction", "schedule")
+MAX_INT = 2**31 - 1  # no knob counts past this: larger ints only overflow index arithmetic downstream
+MAX_SCHEDULE_LEN = 10_000
 
 
 def _name(cls_or_obj) -> str:
@@ -69,6 +72,8 @@ def check_int(owner, field_name: str, value: Any, *, minimum: int | None = None,
     where = f"{_name(owner)}.{field_name}"
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where} must be an int, got {value!r} ({type(value).__name__})")
+    if abs(value) > MAX_INT:
+        raise ValueError(f"{where} must be at most {MAX_INT} in magnitude, got {value}")
     if choices is not None and value not in choices:
         raise ValueError(f"{where} must be one of {choices}, got {value}")
     if minimum is not None and value < minimum:
@@ -85,11 +90,16 @@ def check_float(owner, field_name: str, value: Any, *, low: float | None, high: 
     where = f"{_name(owner)}.{field_name}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{where} must be a finite number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value}")
     lo = -math.inf if low is None else low
     hi = math.inf if high is None else high
     bad_low = value <= lo if low_open else value < lo
-    if bad_low or value > hi or value != value:
+    if bad_low or value > hi:
         bracket = "(" if low_open or low is None else "["
         raise ValueError(f"{where} must be in {bracket}{lo}, {hi}], got {value}")
     return value
@@ -119,6 +129,8 @@ def check_axes(owner, field_name: str, value: Any, *, minimum: int = 1, odd: boo
     for axis, v in zip("thw", value):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{where}[{axis}] must be an int, got {v!r} ({type(v).__name__})")
+        if v > MAX_INT:
+            raise ValueError(f"{where}[{axis}] must be <= {MAX_INT}, got {v} in {value}")
         if v < minimum:
             raise ValueError(f"{where}[{axis}] must be >= {minimum}, got {v} in {value}")
         if odd and v % 2 == 0:
@@ -138,9 +150,41 @@ def check_index_set(owner, field_name: str, value: Any, *, allow_count: bool) ->
     if not isinstance(value, tuple):
         raise ValueError(f"{where} must be {what}, got {value!r} ({type(value).__name__})")
     for i in value:
-        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-            raise ValueError(f"{where} must be {what}, got {value!r}")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= MAX_INT:
+            raise ValueError(f"{where} must be {what} (each <= {MAX_INT}), got {value!r}")
     return tuple(sorted(set(value)))
+
+
+def check_count_or_fraction(owner, field_name: str, value: Any) -> int | float:
+    """A step count: an int N >= 0 (the first N steps), or a float in (0, 1) (that fraction of the
+    call's steps, rounded up: see :func:`resolve_count`)."""
+    where = f"{_name(owner)}.{field_name}"
+    if isinstance(value, float):
+        if not (math.isfinite(value) and 0.0 < value < 1.0):
+            raise ValueError(f"{where} must be an int count >= 0 or a float fraction of the call's steps in "
+                             f"(0, 1), got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where} must be an int count >= 0 or a float fraction of the call's steps in (0, 1), "
+                         f"got {value!r} ({type(value).__name__})")
+    return check_int(owner, field_name, value, minimum=0)
+
+
+def resolve_count(value: int | float, total_steps: int | None) -> int | None:
+    """A :func:`check_count_or_fraction` value as a count of steps of a call of ``total_steps``.
+
+    Fractions round up (12 of 50 for 0.24, 11 of 40 for 0.275: the 1e-9 absorbs float error), so a
+    fraction never gives fewer dense steps than it says; None when a fraction meets an unknown total."""
+    if isinstance(value, int):
+        return value
+    if total_steps is None:
+        return None
+    return math.ceil(value * total_steps - 1e-9)
+
+
+# Knobs a per-step schedule may change: the method's own numeric knobs. The shared ones (steps,
+# layers, caches, block size, backend) shape the call plan and the cross-step state, so they stay fixed.
+SCHEDULABLE_KINDS = ("int", "float", "optional_float", "axes")
 
 
 def check_block_tile(owner, value: Any, block_size: int) -> tuple[int, int, int]:
@@ -176,7 +220,36 @@ def _validate(owner, spec: FieldSpec, value: Any) -> Any:
         return check_axes(owner, spec.name, value, minimum=1 if spec.low is None else spec.low, odd=spec.odd)
     if k in ("layers", "steps"):
         return check_index_set(owner, spec.name, value, allow_count=k == "layers")
+    if k == "count_or_fraction":
+        return check_count_or_fraction(owner, spec.name, value)
+    if k == "schedule":
+        return _normalise_schedule(owner, spec.name, value)
     raise AssertionError(k)
+
+
+def _normalise_schedule(owner, field_name: str, value: Any) -> tuple:
+    """``{knob: [v0, v1, ...]}`` (or its items) -> a sorted tuple of (knob, (v0, v1, ...)); each
+    value is checked later against the knob's own rules (``AttentionConfig._check_schedule``)."""
+    where = f"{_name(owner)}.{field_name}"
+    what = "a dict {knob name: list of values over the call's steps}"
+    if isinstance(value, dict):
+        value = tuple(value.items())
+    if not isinstance(value, (tuple, list)):
+        raise ValueError(f"{where} must be {what}, got {value!r} ({type(value).__name__})")
+    items = []
+    for item in value:
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
+            raise ValueError(f"{where} must be {what}, got the entry {item!r}")
+        name, values = item
+        if isinstance(values, list):
+            values = tuple(values)
+        if not isinstance(values, tuple) or not 1 <= len(values) <= MAX_SCHEDULE_LEN:
+            raise ValueError(f"{where}[{name!r}] must be a list of 1 to {MAX_SCHEDULE_LEN} values, got {values!r}")
+        items.append((name, values))
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where} names a knob twice: {names}")
+    return tuple(sorted(items))
 
 
 @dataclass(frozen=True)
@@ -184,7 +257,14 @@ class AttentionConfig:
     """Knobs shared by every method (see METHODS.md, "Shared by every method" and the caches)."""
 
     method: ClassVar[str] = ""
-    dense_steps: int = knob(0, "int", low=0, help="the first N denoising steps run dense attention")
+    dense_steps: int | float = knob(
+        0, "count_or_fraction",
+        help="the first denoising steps that run dense attention: an int N (the first N) or a float in "
+             "(0, 1), that fraction of the call's steps (rounded up; follows the call's step count)")
+    dense_above_noise: float | None = knob(
+        None, "optional_float", low=0.0, high=1.0,
+        help="also dense while the call's noise level (the scheduler's timestep / num_train_timesteps: "
+             "sigma on flow-matching schedulers) is above this (None: off)")
     dense_layers: int | tuple[int, ...] = knob(
         (), "layers", help="layers that always run dense: an int N (the first N) or a tuple of indices")
     block_size: int = knob(128, "int", choices=BLOCK_SIZES, help="kernel tile in tokens: the granularity of plans")
@@ -203,11 +283,71 @@ class AttentionConfig:
     cfg_share_layers: tuple[int, ...] = knob((), "steps", help="layers cfg sharing applies to (empty: all)")
     renormalise: bool = knob(False, "bool", help="Re-ttention: rescale sparse outputs by the attention mass "
                                                  "their plan kept at the last dense step")
-    cache_budget_mb: float = knob(1024.0, "float", low=0.0, help="memory the cross-step caches may hold")
+    cache_budget_mb: float = knob(1024.0, "float", low=0.0, high=1e9, help="memory the cross-step caches may hold")
+    schedule: tuple = knob(
+        (), "schedule",
+        help="per-step values of the method's own numeric knobs, e.g. {'topk': [0.4, 0.3, 0.2]}: k values "
+             "split the call's steps into k equal parts, one value per part (k = steps: one per step)")
 
     def __post_init__(self) -> None:
         for spec in describe_fields(self):
             object.__setattr__(self, spec.name, _validate(self, spec, getattr(self, spec.name)))
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if not self.schedule:
+            return
+        shared = {f.name for f in dataclasses.fields(AttentionConfig)}
+        specs = {s.name: s for s in describe_fields(self)}
+        allowed = [n for n, s in specs.items() if n not in shared and s.kind in SCHEDULABLE_KINDS]
+        normalised = []
+        for name, values in self.schedule:
+            if name not in allowed:
+                raise ValueError(f"{_name(self)}.schedule names {name!r}; a schedule may change {allowed} "
+                                 f"(the method's own numeric knobs)")
+            checked = []
+            for i, v in enumerate(values):
+                try:
+                    checked.append(getattr(self.at_part({name: v}), name))  # the knob's own rules
+                except ValueError as e:
+                    raise ValueError(f"{_name(self)}.schedule[{name!r}][{i}]={v!r}: {e}") from None
+            normalised.append((name, tuple(checked)))
+        object.__setattr__(self, "schedule", tuple(normalised))
+
+    def at_part(self, values: dict[str, Any]) -> "AttentionConfig":
+        """This config with ``values`` applied and no schedule (one part of the schedule)."""
+        return dataclasses.replace(self, schedule=(), **values)
+
+    def at_step(self, step: int, total_steps: int) -> "AttentionConfig":
+        """The config in force at ``step`` of a call of ``total_steps`` steps: the schedule's part
+        ``floor(step * k / total_steps)`` of its k values (the last part past the end)."""
+        if not self.schedule:
+            return self
+        values = {}
+        for name, seq in self.schedule:
+            part = min(len(seq) - 1, step * len(seq) // max(total_steps, 1))
+            values[name] = seq[part]
+        return self.at_part(values)
+
+    @property
+    def follows_call(self) -> bool:
+        """True when the schedule depends on the call's step count or noise levels (needs a scheduler)."""
+        return isinstance(self.dense_steps, float) or self.dense_above_noise is not None or bool(self.schedule)
+
+    def dense_step_count(self, total_steps: int | None, noise_levels=None) -> int:
+        """How many leading steps of a call run dense: ``dense_steps`` resolved against the call's
+        ``total_steps``, extended by the leading steps whose noise level is above
+        ``dense_above_noise`` (``noise_levels``: the call's, one per step, decreasing)."""
+        count = resolve_count(self.dense_steps, total_steps)
+        count = 0 if count is None else count
+        if self.dense_above_noise is not None and noise_levels is not None:
+            above = 0
+            for level in noise_levels:
+                if level <= self.dense_above_noise:
+                    break
+                above += 1
+            count = max(count, above)
+        return count
 
     def layer_is_dense(self, layer: int) -> bool:
         dl = self.dense_layers
@@ -234,5 +374,5 @@ def with_overrides(config: AttentionConfig, overrides: dict[str, Any]) -> Attent
 
 __all__ = [
     "AttentionConfig", "FieldSpec", "describe_fields", "knob", "with_overrides", "check_block_tile",
-    "BLOCK_SIZES", "BACKENDS", "ORDERS",
+    "resolve_count", "BLOCK_SIZES", "BACKENDS", "ORDERS", "MAX_INT",
 ]

@@ -15,12 +15,14 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from .caches import CrossStepCaches
+from .checks import check_against_pipeline
 from .config import AttentionConfig, with_overrides
 from .hooks import ATTENTION_HOOK, STEP_HOOK, AttentionHook, StepHook
 from .intercept import ProcessorKind, backend_member, processor_kind
 from .methods import config_class, make_method
 from .pipelines import ModelAdapter, find_adapter
 from .runtime import AttentionSite, Stats, TransformerRuntime
+from .schedule import PipelineClock
 from .state import StateStore
 
 _MISSING = object()
@@ -62,8 +64,9 @@ class AccelerationHandle:
         """Per-layer, per-step density, call counts and attention time (ms: CUDA events on CUDA, wall
         clock elsewhere); errors against dense attention at tracked steps; event counters; the
         memory the cross-step caches hold."""
+        notes = sorted(set().union(*(rt.method.notes for rt in self.runtimes)))
         return {"method": self.config.method, "family": self.adapter.family, "config": self.config.to_dict(),
-                **self.stats_recorder.summary()}
+                **self.stats_recorder.summary(), "notes": notes}
 
     def reset_stats(self) -> None:
         self.stats_recorder.clear()
@@ -182,6 +185,7 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
         if not sites:
             raise ValueError(f"found no self-attention modules in {attr} ({type(transformer).__name__})")
         work.append((attr, transformer, sites))
+    check_against_pipeline(config, pipe, [(f"{attr}.{s[0]}", s[2]) for attr, _, sites in work for s in sites])
     dispatching = (ProcessorKind.DISPATCH, ProcessorKind.DISPATCH_ACTIVE)
     member = backend_member() if any(s[4] in dispatching for w in work for s in w[2]) else None
 
@@ -191,7 +195,8 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
     handle._undo.append(lambda: _invalidate_registry_caches([t for _, t, _ in work]))
     try:
         for attr, transformer, sites in work:
-            runtime = TransformerRuntime(attr, method_impl, handle.stats_recorder, handle.store, caches)
+            runtime = TransformerRuntime(attr, method_impl, handle.stats_recorder, handle.store, caches,
+                                         clock=PipelineClock(pipe))
             handle.runtimes.append(runtime)
             for name, layer, module, processor, kind in sites:
                 original = getattr(processor, "_attention_backend", None)

@@ -20,7 +20,9 @@ def _allowed(spec) -> str:
         return " / ".join(str(c) for c in spec.choices)
     if spec.low is None and spec.high is None:
         return {"axes": "3 ints >= 1 (t, h, w)", "optional_axes": "None or 3 ints >= 1", "layers":
-                "int N (first N) or indices", "steps": "step/layer indices", "bool": "True / False"}.get(spec.kind, "any")
+                "int N (first N) or indices", "steps": "step/layer indices", "bool": "True / False",
+                "count_or_fraction": "int N >= 0 or a float in (0, 1)",
+                "schedule": "{knob: [values over the steps]}"}.get(spec.kind, "any")
     low = "" if spec.low is None else (f"> {spec.low}" if spec.low_open else f">= {spec.low}")
     high = "" if spec.high is None else f"<= {spec.high}"
     return ", ".join(x for x in (low, high) if x) + (" (odd)" if spec.odd else "")

@@ -37,6 +37,8 @@ class CallInfo:
     branch: str
     token_order: object = None  # model positions in planning order, or a function of the length (CallFacts)
     dense_reason: str = ""  # non-empty: the adapter cannot plan this forward (CallFacts)
+    dense_steps: int | None = None  # this pipeline call's dense-step count (None: the config's own)
+    total_steps: int | None = None  # this pipeline call's step count (None: unknown)
 
     @property
     def seq_len(self) -> int:
@@ -156,8 +158,9 @@ class TransformerRuntime:
     """Shared by the step hook and the attention sites of one transformer."""
 
     def __init__(self, name: str, method: AttentionMethod, stats: Stats, store: StateStore,
-                 caches: CrossStepCaches):
+                 caches: CrossStepCaches, clock=None):
         self.name = name
+        self.clock = clock  # a schedule.PipelineClock: the call's step count and noise levels
         self.method = method
         self.stats = stats
         self.store = store
@@ -174,8 +177,17 @@ class TransformerRuntime:
         if call.step < self._last_step:
             self.store.reset(self.name)
         self._last_step = call.step
-        self.current = call
+        self.current = self._with_schedule(call)
         self._mask_cache = {}
+
+    def _with_schedule(self, call: CallInfo) -> CallInfo:
+        """``call`` with the pipeline call's step count and its resolved dense-step count."""
+        config = self.method.config
+        if self.clock is None or not config.follows_call:
+            return call
+        total = self.clock.total_steps()
+        noise = self.clock.noise_levels(total) if config.dense_above_noise is not None else None
+        return dataclasses.replace(call, total_steps=total, dense_steps=config.dense_step_count(total, noise))
 
     def reset(self) -> None:
         """A pipeline call ended: drop this transformer's cross-step state."""
@@ -288,7 +300,8 @@ class AttentionSite:
         ctx = CallContext(
             transformer=rt.name, layer=self.layer, step=call.step, branch=call.branch, shape=shape, batch=B,
             heads=H, state=rt.store.state(rt.name, self.layer, call.branch, (shape, B, H)), store=rt.store,
-            counters=rt.stats.counters, reports=rt.stats.reports, values=v,
+            counters=rt.stats.counters, reports=rt.stats.reports, values=v, dense_steps=call.dense_steps,
+            total_steps=call.total_steps,
         )
         executor = PlanExecutor(q, k, v, reading.key_valid, scale, rt.method.config.backend, rt.stats.count_backend,
                                 row_live=reading.row_live)

@@ -132,6 +132,8 @@ class CallContext:
     counters: dict = field(default_factory=lambda: defaultdict(int))
     reports: dict = field(default_factory=dict)
     values: torch.Tensor | None = None  # the call's v [B, S, H, D], for methods that profile outputs
+    dense_steps: int | None = None  # leading steps of this pipeline call that run dense (None: the config's count)
+    total_steps: int | None = None  # steps of this pipeline call (None: unknown, e.g. a bare transformer)
 
     @property
     def shape_key(self) -> tuple:

@@ -17,3 +17,13 @@ def tiny_wan():
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, rope_max_seq_len=64,
     ).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors: several times faster than two on a shared,
+    loaded CPU (the threads mostly wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

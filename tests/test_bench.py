@@ -26,9 +26,10 @@ from ditaccel.eval.plots import density_grid, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARSE = {"name": "window", "set": {"kernel_size": [1, 3, 3], "block_size": 64}, "label": "win133"}
-# 64x128 px, 5 frames: a (2, 8, 16) token grid. "window" with its defaults needs 3 latent frames,
-# so that cell fails on this grid: the matrix must record it and go on.
-TINY = {"methods": ["dense", SPARSE, "window"], "sizes": [{"height": 64, "width": 128, "frames": 5, "steps": 3}],
+# 64x128 px, 5 frames: a (2, 8, 16) token grid. The Triton kernel takes no head dim 32 (the embedded
+# transformer's), so that cell fails (at accelerate): the matrix must record it and go on.
+FAILING = {"name": "window", "set": {"backend": "triton"}, "label": "window"}
+TINY = {"methods": ["dense", SPARSE, FAILING], "sizes": [{"height": 64, "width": 128, "frames": 5, "steps": 3}],
         "seeds": [0], "device": "cpu", "error_steps": [2]}
 SPARSE_KEY = "embedded|win133|64x128x5,steps=3|seed=0"
 DENSE_KEY = "embedded|dense|64x128x5,steps=3|seed=0"
@@ -64,7 +65,7 @@ def test_tiny_matrix_writes_results_figures_and_report(tiny_run):
     assert list(cells) == [DENSE_KEY, SPARSE_KEY, FAILING_KEY]
 
     failed = cells[FAILING_KEY]
-    assert failed["status"] == "failed" and "kernel_size" in failed["error"]
+    assert failed["status"] == "failed" and "backend='triton'" in failed["error"]
     assert FAILING_KEY in stdout and "1 failing cell" in stdout
 
     sparse = cells[SPARSE_KEY]

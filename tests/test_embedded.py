@@ -99,13 +99,10 @@ def test_save_and_load_offline(pipe, tmp_path, monkeypatch):
 
 def test_the_embedded_pipeline_has_its_own_preset_and_other_wans_keep_the_family_one(pipe):
     import ditaccel
-    from ditaccel.methods.base import CallShape
     from ditaccel.pipelines.wan import WanAdapter
 
     family = WanAdapter().preset()
-    # Why it needs one: at its default grid the family preset's tile window covers every block.
-    grid = CallShape((5, 18, 24), 0, "none")
-    assert ditaccel.methods.make_method(family).plan(grid, torch.device("cpu")).density == 1.0
+    assert family != embedded.PRESET
     for target in (pipe, pipe.transformer):
         with ditaccel.accelerate(target) as handle:
             assert handle.config == embedded.PRESET

@@ -61,23 +61,6 @@ def tile_rule(grid, tile, window):
     )
 
 
-def radial_rule(grid, tile, decay, sink_frames):
-    n_tiles = [math.ceil(g / t) for g, t in zip(grid, tile)]
-    full = max(n_tiles[1], n_tiles[2])
-    sink_tiles = math.ceil(sink_frames / tile[0])
-
-    def rule(q, k):
-        tq = [q[a] // tile[a] for a in range(3)]
-        tk = [k[a] // tile[a] for a in range(3)]
-        if tk[0] < sink_tiles:
-            return True
-        dt = abs(tq[0] - tk[0])
-        band = full if dt == 0 else math.floor(full * decay ** (math.floor(math.log2(dt)) + 1) + 1e-9)
-        return max(abs(tq[1] - tk[1]), abs(tq[2] - tk[2])) <= band
-
-    return rule
-
-
 def plan_token_mask(plan) -> torch.Tensor:
     """Expand a plan's BlockMask to a token mask in the model's order (what the kernel computes)."""
     bm = plan.block_mask
@@ -127,23 +110,6 @@ def test_tile_plan_equals_brute_force(grid, text_len, text_position, window):
     plan = make_method(cfg).plan(CallShape(grid, text_len, text_position), "cpu")
     expected = token_mask(grid, text_len, text_position, tile_rule(grid, (1, 4, 16), window))
     assert torch.equal(plan_token_mask(plan), expected)
-
-
-@pytest.mark.parametrize("grid", [(5, 7, 9), (8, 8, 8), (9, 4, 4)])
-@pytest.mark.parametrize("decay,sink", [(0.5, 1), (0.25, 0), (1.0, 0)])
-def test_radial_plan_equals_brute_force(grid, decay, sink):
-    cfg = RadialConfig(tile=(1, 4, 16), decay=decay, sink_frames=sink, block_size=64)
-    plan = make_method(cfg).plan(CallShape(grid, 4, "prefix"), "cpu")
-    expected = token_mask(grid, 4, "prefix", radial_rule(grid, (1, 4, 16), decay, sink))
-    assert torch.equal(plan_token_mask(plan), expected)
-    if decay == 1.0:
-        assert plan.density == 1.0
-
-
-def test_radial_sparser_with_distance():
-    cfg = RadialConfig(tile=(1, 8, 8), decay=0.5, sink_frames=0, block_size=64)
-    plan = make_method(cfg).plan(CallShape((16, 16, 16), 0, "none"), "cpu")
-    assert plan.density < 0.5
 
 
 @pytest.mark.parametrize("text_len,text_position", [(0, "none"), (9, "prefix")])

@@ -55,6 +55,13 @@ def clamped_window_start(center: torch.Tensor, size: int, length) -> torch.Tenso
     return start.clamp(max=max(length - size, 0))
 
 
+def resolved_dense_steps(config, dense_steps: int | None) -> int:
+    """The call's dense-step count (``ctx.dense_steps``) or, when None, the config's own count."""
+    if dense_steps is not None:
+        return dense_steps
+    return config.dense_steps if isinstance(config.dense_steps, int) else 0
+
+
 class ShapeCache:
     """What a method derives from a call's shape alone (plans, block maps, layouts), kept per
     (shape, device) for the ``size`` most recently used keys."""
@@ -90,13 +97,16 @@ class AttentionMethod:
     def __init__(self, config: AttentionConfig):
         self.config = config
         self._plans = ShapeCache()
+        self.notes: set[str] = set()  # how the config was adapted to the grids it met (stats()["notes"])
 
-    def is_dense(self, layer: int, step: int) -> bool:
-        return step < self.config.dense_steps or self.config.layer_is_dense(layer)
+    def is_dense(self, layer: int, step: int, dense_steps: int | None = None) -> bool:
+        """``dense_steps``: the call's dense-step count (``ctx.dense_steps``, the config's resolved
+        against the call); None: the config's count (a fraction without a call counts as 0)."""
+        return step < resolved_dense_steps(self.config, dense_steps) or self.config.layer_is_dense(layer)
 
     def decide(self, ctx, q: torch.Tensor, k: torch.Tensor) -> SparsePlan | None:
         """None: run the model's own dense attention; else the plan to execute."""
-        if self.is_dense(ctx.layer, ctx.step):
+        if self.is_dense(ctx.layer, ctx.step, ctx.dense_steps):
             return None
         return self.plan_for(ctx, q, k)
 
@@ -108,8 +118,16 @@ class AttentionMethod:
         return self._plans.get(shape, device, lambda: self.build(shape, device))
 
     def tile_for(self, grid) -> tuple[int, int, int]:
+        """The token tile on ``grid``: the config's (or a block-sized default), cut to the grid on an
+        axis it over-spans (the same layout and tile neighbourhoods: every token of that axis is in
+        one tile either way)."""
         tile = getattr(self.config, "tile", None)
-        return tuple(tile) if tile is not None else auto_tile(grid, self.config.block_size)
+        if tile is None:
+            return tuple(min(t, g) for t, g in zip(auto_tile(grid, self.config.block_size), grid))
+        cut = tuple(min(t, g) for t, g in zip(tile, grid))
+        if cut != tuple(tile):
+            self.notes.add(f"tile={tuple(tile)} is larger than the grid {tuple(grid)} on some axis: cut to {cut}")
+        return cut
 
     def order(self) -> str:
         return "tile"

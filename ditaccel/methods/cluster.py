@@ -91,10 +91,11 @@ class ClusterConfig(AttentionConfig):
                                                   f"{MAX_AUTO_K_CLUSTERS}; always capped at the number of video tokens)")
     top_p: float = knob(0.9, "float", low=0.0, high=1.0, low_open=True,
                         help="keep key blocks per query block until their cumulative score reaches this (1 = dense)")
-    iters_first: int = knob(0, "int", low=0, help=f"Lloyd iterations at a layer's first sparse step (cold start; "
-                                                   f"0: one per {KEY_CLUSTERS_PER_ITER} key clusters, between "
-                                                   f"{MIN_AUTO_ITERS} and {MAX_AUTO_ITERS})")
-    iters_step: int = knob(2, "int", low=0, help="Lloyd iterations at later steps, from the stored centroids")
+    # Bounded: k-means converges in tens of iterations (SVG2 runs 50 cold, 2 warm); more only costs time.
+    iters_first: int = knob(0, "int", low=0, high=200,
+                            help=f"Lloyd iterations at a layer's first sparse step (cold start; 0: one per "
+                                 f"{KEY_CLUSTERS_PER_ITER} key clusters, between {MIN_AUTO_ITERS} and {MAX_AUTO_ITERS})")
+    iters_step: int = knob(2, "int", low=0, high=200, help="Lloyd iterations at later steps, from the stored centroids")
 
     def cluster_counts(self, n_video: int) -> tuple[int, int]:
         """(query clusters, key clusters) for ``n_video`` video tokens: the given counts, or with 0 the

@@ -22,7 +22,7 @@ class DenseConfig(AttentionConfig):
 class DenseMethod(AttentionMethod):
     name = "dense"
 
-    def is_dense(self, layer: int, step: int) -> bool:
+    def is_dense(self, layer: int, step: int, dense_steps: int | None = None) -> bool:
         return False  # run the all-blocks plan even where other methods would fall back to dense
 
     def order(self) -> str:

@@ -29,7 +29,7 @@ import torch
 from ..config import ORDERS, AttentionConfig, check_block_tile, knob
 from ..layout import VIDEO, TokenLayout, build_layout
 from ..plan import SparsePlan, plan_from_blocks
-from .base import AttentionMethod, CallShape, ShapeCache
+from .base import AttentionMethod, CallShape, ShapeCache, resolved_dense_steps
 
 KEEP_STATE = "dynamic.keep"  # ctx.state names: the reused selection and the skip set (bit-packed)
 SKIP_STATE = "dynamic.skip"
@@ -156,13 +156,14 @@ class DynamicMethod(AttentionMethod):
 
         return self._video.get(shape, device, build)
 
-    def is_scoring_step(self, step: int) -> bool:
-        return (step - self.config.dense_steps) % self.config.refresh == 0
+    def is_scoring_step(self, step: int, dense_steps: int | None = None) -> bool:
+        """``dense_steps``: the call's resolved count (``ctx.dense_steps``); None: the config's."""
+        return (step - resolved_dense_steps(self.config, dense_steps)) % self.config.refresh == 0
 
     def plan_for(self, ctx, q: torch.Tensor, k: torch.Tensor) -> SparsePlan:
         vb = self.video_blocks_for(ctx.shape, q.device)
         keep = None
-        if not self.is_scoring_step(ctx.step):
+        if not self.is_scoring_step(ctx.step, ctx.dense_steps):
             stored = ctx.state.get(KEEP_STATE)
             keep = None if stored is None else unpack_blocks(stored, vb.num_blocks)
         if keep is None:
@@ -174,7 +175,7 @@ class DynamicMethod(AttentionMethod):
         ctx.count("scoring")
         scores = self.block_scores(vb.gather(q), vb.gather(k))
         keep = self.select_video_blocks(scores)
-        if ctx.step < self.config.dense_steps:
+        if ctx.step < resolved_dense_steps(self.config, ctx.dense_steps):
             # Asked what it would run at a dense step (e.g. by renormalise): state is for sparse steps.
             return keep
         threshold = self.config.skip_threshold

@@ -124,7 +124,8 @@ def blocks_sharing(layout: TokenLayout, feature: torch.Tensor, n_features: int, 
     member = torch.zeros(nb, n_features, device=device)
     member[slots // bs, feature[slots]] = 1.0
     near = member
-    if radius:
+    radius = min(radius, n_features - 1)  # a wider radius covers no more (and a huge one overflows the pool)
+    if radius > 0:
         near = F.max_pool1d(member[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0]
     return (near @ member.t()) > 0
 
@@ -271,7 +272,7 @@ class HeadsMethod(AttentionMethod):
 
     def decide(self, ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> SparsePlan | None:
         """None (the model's own attention) at dense steps/layers and where every head chose dense."""
-        if self.is_dense(ctx.layer, ctx.step):
+        if self.is_dense(ctx.layer, ctx.step, ctx.dense_steps):
             return None
         plan = self.plan_for(ctx, q, k, v)
         return None if all(p == "dense" for p in ctx.state.get(PATTERNS_KEY)) else plan

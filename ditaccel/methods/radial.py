@@ -1,13 +1,39 @@
-"""radial: a static mask from spatio-temporal energy decay (Radial Attention).
+"""radial: the static spatio-temporal energy-decay mask of Radial Attention (Li et al., 2025).
 
 Attention energy in video DiTs falls with temporal distance, and the spatial spread that still
-matters shrinks as it does. At tile granularity (so every block is full or empty on grids that
-are multiples of the tile): a query tile sees every key tile of its own temporal tile row; at
-temporal tile distance dt >= 1 it sees key tiles within a spatial (Chebyshev, in tiles) band of
-``floor(max(n_th, n_tw) * decay ** (floor(log2(dt)) + 1))`` tiles — each doubling of distance
-multiplies the band by ``decay`` (0.5 halves it); a band of 0 still keeps its own spatial tile. Key tiles
-in the first ``sink_frames`` frames (rounded up to whole tiles) stay visible to everyone, as an
-attention sink. Built once per shape and cached.
+matters shrinks as it does. The mask, token-exact, for a query in latent frame i and a key in frame
+j at temporal distance ``d = |i - j|`` (``n = H * W`` tokens per frame, ``p`` a token's raster index
+inside its frame):
+
+- **attention sink**: keys in the first ``sink_frames`` frames are seen by every query;
+- **whole frames** at ``d <= 1`` (the frame itself and its neighbours);
+- at ``d >= 2``, with ``g = floor(log2 d) + 1`` the distance's band (2-3: 2, 4-7: 3, ...):
+  ``base = 2 ** bit_length(n) * decay ** g`` and the key is seen when
+  ``|p_q - p_k| <= max(decay_factor * base, band_floor)``; where ``base < band_floor`` the band
+  would be narrower than a block, and the frame pair is kept only when ``d`` is a multiple of
+  ``int(band_floor / base)`` (fewer frames instead of thinner bands);
+- text rows and columns are dense (every plan's rule).
+
+Knobs against the published code (``radial_attn/attn_mask.py``, ``get_window_width`` and
+``get_diagonal_split_mask``):
+
+- ``decay_factor`` **is** the paper's ``decay_factor`` (published: 0.2 on Wan 2.1, 0.8 on Wan 2.2,
+  0.95 on HunyuanVideo, see the family presets); it scales the band at every distance >= 2;
+- ``decay`` is ours, not the paper's: the factor the band shrinks by per doubling of distance.
+  The paper halves it: ``decay=0.5`` (the default) is the published rule;
+- ``band_floor`` is the reference's block size (128) in its two roles: the narrowest band and
+  the threshold under which frame pairs are subsampled;
+- ``sink_frames=1`` is the reference's sink (key frame 0);
+- ``dense_steps`` / ``dense_layers`` are the paper's ``dense_timestep`` / ``dense_block``.
+
+Two differences, both stated: the reference's ``model_type="wan"`` halves the band at ``d == 1``;
+we keep whole frames at ``d <= 1`` for every model (its ``"hunyuan"`` rule, and the paper's). And
+the reference ANDs its frame subsampling into ``d <= 1`` too, which drops neighbouring frames once
+a frame has fewer than 128 tokens (only on toy grids); we never drop them. The reference then
+coarsens the mask to 128-token blocks (a block is kept when most of it is); we run the mask
+token-exact: blocks on the band's edge are partial and masked inside the kernel. ``order="raster"``
+(the default) is the reference's token order, where each band is a diagonal strip of blocks.
+Built once per shape and cached.
 """
 
 from __future__ import annotations
@@ -18,20 +44,24 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ORDERS, AttentionConfig, check_block_tile, knob
-from .base import AttentionMethod, num_tiles
+from .base import AttentionMethod
 
 
 @dataclass(frozen=True)
 class RadialConfig(AttentionConfig):
-    """Radial attention: a spatial band that shrinks with temporal distance, plus sink frames."""
+    """Radial attention: a band over each frame's tokens that narrows with temporal distance, plus sink frames."""
 
     method = "radial"
+    decay_factor: float = knob(1.0, "float", low=0.0, high=1.0, low_open=True,
+                               help="the paper's decay_factor: scales the band at every distance >= 2")
     decay: float = knob(0.5, "float", low=0.0, high=1.0, low_open=True,
-                        help="band factor per doubling of temporal distance (1 = dense)")
+                        help="band factor per doubling of temporal distance (0.5: the paper's halving; 1: no decay)")
     sink_frames: int = knob(1, "int", low=0, help="leading frames every query sees (attention sink)")
-    tile: tuple[int, ...] | None = knob(None, "optional_axes", help="as in TileConfig")
-    order: str = knob("tile", "choice", choices=ORDERS,
-                      help="token order of the kernel's blocks (tile: every block full or empty)")
+    band_floor: int = knob(128, "int", low=1, help="narrowest band in tokens; narrower bands keep fewer frame "
+                                                   "pairs instead (the reference's block size, 128)")
+    tile: tuple[int, ...] | None = knob(None, "optional_axes", help="token tile for order='tile' (as in TileConfig)")
+    order: str = knob("raster", "choice", choices=ORDERS,
+                      help="token order of the kernel's blocks (raster: the reference's)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,11 +69,23 @@ class RadialConfig(AttentionConfig):
             object.__setattr__(self, "tile", check_block_tile(self, self.tile, self.block_size))
 
 
-def radial_band(dt: torch.Tensor, full_band: int, decay: float) -> torch.Tensor:
-    """Spatial band (in tiles) visible at temporal tile distance ``dt``."""
-    level = torch.floor(torch.log2(dt.clamp(min=1).double())) + 1
-    band = torch.floor(full_band * torch.pow(torch.tensor(decay, dtype=torch.float64), level) + 1e-9)
-    return torch.where(dt == 0, torch.full_like(band, full_band), band).long()
+def radial_bands(num_frames: int, tokens_per_frame: int, decay: float, decay_factor: float,
+                 band_floor: int) -> list[int]:
+    """Per temporal distance d in [0, num_frames): the band ``|p_q - p_k| <= band`` in tokens, or -1
+    where the frame pair is left out (sink frames aside)."""
+    n = tokens_per_frame
+    span = 2 ** n.bit_length()
+    bands = []
+    for d in range(num_frames):
+        if d <= 1:
+            bands.append(n)
+            continue
+        base = span * decay ** d.bit_length()
+        if base < band_floor and d % max(1, int(band_floor / base)) != 0:
+            bands.append(-1)
+            continue
+        bands.append(min(n, math.floor(max(decay_factor * base, band_floor))))
+    return bands
 
 
 class RadialMethod(AttentionMethod):
@@ -53,18 +95,15 @@ class RadialMethod(AttentionMethod):
         return self.config.order
 
     def video_predicate(self, grid):
-        tile = self.tile_for(grid)
-        n_tiles = num_tiles(grid, tile)
-        full_band = max(n_tiles[1], n_tiles[2])
-        sink_tiles = math.ceil(self.config.sink_frames / tile[0])
-        decay = self.config.decay
-        tile_t = torch.tensor(tile)
+        T, H, W = grid
+        cfg = self.config
+        bands = torch.tensor(radial_bands(T, H * W, cfg.decay, cfg.decay_factor, cfg.band_floor))
+        sink = cfg.sink_frames
 
         def allowed(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
-            tt = tile_t.to(qc.device)
-            tq, tk = qc // tt, kc // tt
-            dt = (tq[..., 0] - tk[..., 0]).abs()
-            spatial = torch.maximum((tq[..., 1] - tk[..., 1]).abs(), (tq[..., 2] - tk[..., 2]).abs())
-            return (spatial <= radial_band(dt, full_band, decay)) | (tk[..., 0] < sink_tiles)
+            d = (qc[..., 0] - kc[..., 0]).abs()
+            band = bands.to(qc.device)[d.clamp(min=0, max=T - 1)]
+            dp = ((qc[..., 1] - kc[..., 1]) * W + (qc[..., 2] - kc[..., 2])).abs()
+            return (kc[..., 0] < sink) | (dp <= band)
 
         return allowed

@@ -5,6 +5,10 @@ and each query tile attends to the ``window`` tiles around it, the window shifte
 grid edges (Sliding Tile Attention). On grids that are multiples of the tile every block pair is
 full or empty, so the kernel runs no mask code; tiles cut by the grid edge are smaller, and the
 blocks that straddle them are masked token by token.
+
+Any grid: a ``window`` of more tiles than the grid has on an axis covers that axis (every tile of
+it), and a ``tile`` larger than the grid on an axis is cut to the grid there (one tile spans the
+axis either way); ``stats()["notes"]`` says so.
 """
 
 from __future__ import annotations
@@ -60,4 +64,10 @@ class TileMethod(AttentionMethod):
         return self.config.order
 
     def video_predicate(self, grid):
-        return tile_window_predicate(grid, self.tile_for(grid), self.config.window)
+        tile = self.tile_for(grid)
+        n_tiles = num_tiles(grid, tile)
+        for axis, w, n in zip("thw", self.config.window, n_tiles):
+            if w > n and w > 1:
+                self.notes.add(f"tile: window[{axis}]={w} tiles is more than the grid's {n} tiles on {axis}: "
+                               f"the window covers that axis")
+        return tile_window_predicate(grid, tile, self.config.window)

@@ -6,6 +6,11 @@ With ``dilation`` d an axis splits into d interleaved groups (by index mod d) an
 inside the query's group (Dilated NA). Blocks on the window's border are partial and masked
 inside the kernel. ``order="tile"`` packs nearby tokens into the same block, so far fewer blocks
 are touched than in raster order.
+
+Any grid: on an axis where the window spans more than the grid (``kernel_size * dilation > grid``)
+the window covers that axis (every query sees the whole axis, dilation dropped there), as a window
+of exactly the grid's size would; ``stats()["notes"]`` says so. Images (T = 1) and single frames
+are such a case on t.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ORDERS, AttentionConfig, knob
-from .base import AttentionMethod, check_fits_grid, clamped_window_start
+from .base import AttentionMethod, clamped_window_start
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,19 @@ class WindowMethod(AttentionMethod):
     def order(self) -> str:
         return self.config.order
 
-    def validate_grid(self, grid) -> None:
-        check_fits_grid(self.config, "kernel_size", self.config.kernel_size, self.config.dilation, grid)
+    def effective_window(self, grid) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(kernel_size, dilation) on ``grid``: an axis the window over-spans is covered whole."""
+        ks, dil = list(self.config.kernel_size), list(self.config.dilation)
+        for a, axis in enumerate("thw"):
+            if ks[a] * dil[a] > grid[a]:
+                if ks[a] > 1 or dil[a] > 1:
+                    self.notes.add(f"window: kernel_size[{axis}]={ks[a]} x dilation[{axis}]={dil[a]} spans more "
+                                   f"than the grid's {axis} = {grid[a]}: the window covers that axis")
+                ks[a], dil[a] = grid[a], 1
+        return tuple(ks), tuple(dil)
 
     def video_predicate(self, grid):
-        ks, dil = self.config.kernel_size, self.config.dilation
+        ks, dil = self.effective_window(grid)
 
         def allowed(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
             ok = axis_window(qc[..., 0], kc[..., 0], grid[0], ks[0], dil[0])

@@ -8,14 +8,23 @@ only and is left alone. Latents are [B, C, F, H, W], grid (F / p_t, H / p, W / p
 
 from __future__ import annotations
 
-from ..methods import TileConfig
+from ..methods import RadialConfig
 from .base import CallFacts, ModelAdapter, blocks
+
+# Radial Attention (Li et al. 2025, mit-han-lab/radial-attention), HunyuanVideo T2V: 12 of 50 steps
+# dense (as a fraction: it follows the call's step count), decay_factor 0.95, no dense layers
+# (its scripts/hunyuan_t2v_inference.sh: dense_layers=0, dense_timesteps=12).
+PRESET = RadialConfig(dense_steps=12 / 50, decay_factor=0.95)
 
 
 class HunyuanVideoAdapter(ModelAdapter):
     family = "hunyuan_video"
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
     text_position = "suffix"
+    preset_source = ("Radial Attention (Li et al. 2025, mit-han-lab/radial-attention): HunyuanVideo radial, 12 of 50 "
+                     "steps dense (0.24), no dense layers, decay_factor 0.95. Published for other methods: Sparse "
+                     "VideoGen 10% of steps dense ('heads', dense_steps=0.1); Sliding Tile Attention 15 of 50 "
+                     "('tile', dense_steps=0.3)")
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")))
@@ -29,4 +38,7 @@ class HunyuanVideoAdapter(ModelAdapter):
         return CallFacts((F // pt, H // p, W // p), text_len, B, self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return TileConfig(window=(3, 3, 3), dense_steps=1)
+        return PRESET
+
+    def method_defaults(self, method):
+        return {"decay_factor": PRESET.decay_factor} if method == "radial" else {}

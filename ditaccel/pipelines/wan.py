@@ -12,8 +12,18 @@ structure) are in :mod:`.wan_derived`.
 
 from __future__ import annotations
 
-from ..methods import TileConfig
+import torch
+
+from ..methods import RadialConfig
 from .base import CallFacts, ModelAdapter, blocks
+
+# Radial Attention (Li et al. 2025, arXiv:2505.18875; github.com/mit-han-lab/radial-attention), its
+# published Wan configurations, the dense steps as fractions so they follow the call's step count:
+# Wan 2.1-14B T2V: 12 of 50 steps dense, 1 dense layer, decay_factor 0.2.
+WAN21_PRESET = RadialConfig(dense_steps=12 / 50, dense_layers=1, decay_factor=0.2)
+# Wan 2.2-A14B T2V (two transformers): 11 of 40 steps dense, decay_factor 0.8; the dense layer as
+# Wan 2.1's (the published Wan 2.2 figures give steps and decay only).
+WAN22_PRESET = RadialConfig(dense_steps=11 / 40, dense_layers=1, decay_factor=0.8)
 
 
 def wan_grid(transformer, hidden_states) -> tuple[int, int, int]:
@@ -28,6 +38,10 @@ class WanAdapter(ModelAdapter):
     pipeline_attrs = ("transformer", "transformer_2")
     text_position = "none"
     attention_route = "dispatch"
+    preset_source = ("Radial Attention (Li et al. 2025, mit-han-lab/radial-attention): Wan 2.1 radial, 12 of 50 "
+                     "steps dense (0.24), 1 dense layer, decay_factor 0.2; Wan 2.2 (a pipeline with transformer_2) "
+                     "11 of 40 dense (0.275), decay_factor 0.8. Sparse VideoGen's Wan setting for method 'heads': "
+                     "20% of steps dense (dense_steps=0.2)")
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("blocks", "attn1"), ("vace_blocks", "attn1")))
@@ -38,13 +52,22 @@ class WanAdapter(ModelAdapter):
         return CallFacts(wan_grid(transformer, x), 0, x.shape[0], self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return TileConfig(window=(3, 3, 3), dense_steps=1)
+        return WAN21_PRESET
 
     def preset_for(self, obj):
-        # The embedded reference pipeline is a Wan too, but its 5 x 18 x 24 token grid fits inside
-        # the family preset's tile window: it gets the preset chosen for it (see embedded.PRESET).
+        # The embedded reference pipeline is a Wan too, trained small: it keeps the preset chosen for
+        # it by measurement (see embedded.PRESET).
         from . import embedded
 
         if obj is not None and any(embedded.is_embedded_transformer(t) for _, t in self.transformers(obj)):
             return embedded.PRESET
+        if obj is not None and not isinstance(obj, torch.nn.Module) and getattr(obj, "transformer_2", None) is not None:
+            return WAN22_PRESET
         return self.preset()
+
+    def method_defaults(self, method):
+        # The published radial mask knobs (Wan 2.1's); dense steps stay the user's (a fraction needs
+        # a pipeline to count steps, and a named method also runs on a bare transformer).
+        if method == "radial":
+            return {"decay_factor": WAN21_PRESET.decay_factor, "dense_layers": WAN21_PRESET.dense_layers}
+        return {}
