@@ -226,7 +226,7 @@ def test_twenty_concurrent_requests_are_all_answered(server, monkeypatch):
     jobs = [client.submit(**(TILE if i in sparse else SMALLEST), api_name="/generate") for i in range(20)]
     results = [job.result(timeout=240) for job in jobs]
     elapsed = time.monotonic() - start
-    for i, (dense_video, accel_video, *_, summary, report, heatmap, block_map) in enumerate(results):
+    for i, (dense_video, accel_video, *_, summary, report, heatmap, block_map, _pair) in enumerate(results):
         assert "speedup" in summary and "PSNR" in summary and dense_video and accel_video
         if i in sparse:  # tile: half the blocks
             assert report["grid"] == [2, 8, 8] and "Nothing ran sparse" not in summary and heatmap and block_map
@@ -299,12 +299,25 @@ def test_unicode_prompt_and_oversize_refusal_then_a_good_request(server, monkeyp
 
 
 def test_failed_accelerated_run_after_a_good_dense_one(server):
-    _, _, client = server
-    # The window's default 3-frame kernel does not fit the 2-frame latent grid: found when it is applied.
-    with pytest.raises(AppError, match=r"Invalid input: WindowConfig\.kernel_size=.* grid t = 1"):
-        client.predict(seed=7, method="window", **SMALLEST, api_name="/generate")
+    from ditaccel.hooks import STEP_HOOK
+
+    _, session, client = server
+    transformer = session._pipe.transformer
+
+    def fail_when_accelerated(module, args):
+        registry = getattr(transformer, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(STEP_HOOK) is not None:  # only inside the accelerated run
+            raise RuntimeError("injected failure in the accelerated run")
+
+    hook = transformer.blocks[0].attn1.register_forward_pre_hook(fail_when_accelerated)
+    try:
+        with pytest.raises(AppError, match=r"RuntimeError: injected failure in the accelerated run"):
+            client.predict(seed=7, **SMALLEST, api_name="/generate")
+    finally:
+        hook.remove()
     summary, report = client.predict(seed=7, **SMALLEST, api_name="/generate")[4:6]  # the same request runs
     assert report["grid"] == [1, 4, 4] and report["method"] == "xattn" and "PSNR" in summary
+    assert "forward" not in transformer.__dict__  # no wrapper left behind
 
 
 def test_out_of_memory_mid_run_frees_what_it_held(server):
