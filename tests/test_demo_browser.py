@@ -48,7 +48,7 @@ def test_page_generates_both_outputs(tmp_path):
                 for side in ("dense", "accelerated"):
                     page.locator(f"#{side}-video video[src]").wait_for(state="attached", timeout=TIMEOUT_MS)
                 summary = page.locator("#summary")
-                summary.get_by_text("speedup").wait_for(timeout=TIMEOUT_MS)
+                summary.get_by_text("speedup").first.wait_for(timeout=TIMEOUT_MS)
                 text = summary.inner_text()
                 page.locator("#block-map img").wait_for(timeout=TIMEOUT_MS)
                 page.locator("#side-by-side img").wait_for(timeout=TIMEOUT_MS)
