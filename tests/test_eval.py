@@ -65,6 +65,12 @@ def test_a_dense_vs_dense_control_within_noise_is_conclusive_and_about_one():
     assert t.conclusive and "no measurable difference" in t.verdict()
 
 
+def test_a_ratio_whose_repeats_straddle_one_is_no_measurable_difference():
+    t = summarise_runs(runs(1000, 1080), runs(960, 1010), sparse_steps=[1])  # the dense control, say
+    assert t.conclusive and t.speedup == pytest.approx(1040 / 985)
+    assert t.verdict().startswith("1.06× (no measurable difference: the repeats range 0.99-1.12)")
+
+
 def test_other_processes_on_the_cores_make_cpu_timings_inconclusive():
     t = summarise_runs(runs(1000, 1001), runs(500, 501), sparse_steps=[1])
     t.other_load_cores, t.load_source = 1.4, "/proc/stat"

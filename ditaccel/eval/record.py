@@ -124,7 +124,9 @@ class Comparison:
         from .timing import describe_ratio
 
         t = self.timing
-        if t.conclusive:
+        if t.conclusive and "no measurable" in t.verdict():
+            speed = f"speed: {t.verdict()} against dense over the denoising loop"
+        elif t.conclusive:
             speed = f"speed: {describe_ratio(t.speedup)} than dense over the denoising loop"
         elif t.speedup is None:
             speed = "speed: not timed"

@@ -174,6 +174,10 @@ class TimingSummary:
             return "no timing"
         if not self.conclusive:
             return "inconclusive"
+        low, high = self.speedup_range or (self.speedup, self.speedup)
+        if low <= 1.0 <= high and abs(self.speedup - 1) >= SAME:
+            # Some pairing of the repeats says faster, another slower: the difference is within the noise.
+            return f"{self.speedup:.2f}× (no measurable difference: the repeats range {low:.2f}-{high:.2f})"
         return describe_ratio(self.speedup)
 
     def to_dict(self) -> dict:
