@@ -17,7 +17,7 @@ import numpy as np
 
 from .files import atomic_path
 
-PSNR_CAP = 100.0  # identical outputs have infinite PSNR; draw them at the cap
+PSNR_CAP = 100.0  # at or above this an output is equal to dense up to rounding: listed, not plotted
 
 
 def _figure(width: float, height: float):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -39,12 +38,6 @@ class RunResult:
     def loop_s(self) -> float:
         """The denoising loop: every step, from the loop's start to the last step's end."""
         return sum(self.step_s)
-
-    def timing(self) -> dict:
-        ms = [s * 1e3 for s in self.step_s]
-        return {"step_ms": ms, "mean_step_ms": statistics.fmean(ms) if ms else None,
-                "median_step_ms": statistics.median(ms) if ms else None, "denoise_ms": sum(ms),
-                "total_ms": self.total_s * 1e3}
 
 
 # --- loading -------------------------------------------------------------------------------------
