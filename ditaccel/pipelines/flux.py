@@ -30,6 +30,7 @@ class FluxAdapter(ModelAdapter):
     tokens_note = "Kontext context-image tokens after the image: dense extra tokens"
     preset_source = ("not yet calibrated: a conservative choice, topk 0.3 (density >= 0.3), 25% of steps dense "
                      "(dense_steps=0.25); no published configuration for this family")
+    typical_steps = 28  # FluxPipeline's default num_inference_steps
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")))
@@ -49,7 +50,7 @@ class FluxAdapter(ModelAdapter):
     def preset(self):
         return PRESET
 
-    def method_defaults(self, method):
+    def method_defaults(self, method, target=None):
         if method == "window":
             return {"kernel_size": (1, 9, 9)}
         if method == "tile":
@@ -81,9 +82,10 @@ class ChromaAdapter(FluxAdapter):
     tokens_note = ""
 
     preset_source = conservative_source(35)
+    typical_steps = 35
 
     def preset(self):
-        return conservative_preset(35)
+        return conservative_preset()
 
-    def method_defaults(self, method):
+    def method_defaults(self, method, target=None):
         return {}

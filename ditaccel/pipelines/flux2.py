@@ -20,6 +20,7 @@ class Flux2Adapter(ModelAdapter):
     text_position = "prefix"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
     tokens_note = "reference-image tokens after the image: dense extra tokens"
 
     def self_attention_modules(self, transformer):
@@ -38,4 +39,4 @@ class Flux2Adapter(ModelAdapter):
                          token_order=order)
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()
