@@ -169,6 +169,7 @@ class TransformerRuntime:
         self.error_steps: frozenset[int] = frozenset()  # steps at which errors against dense are measured
         self.current: CallInfo | None = None
         self._mask_cache: dict = {}
+        self.padded_masks: dict = {}  # per forward: see PlanExecutor.padded_masks
         self._last_step = -1
 
     def begin(self, call: CallInfo) -> None:
@@ -179,6 +180,7 @@ class TransformerRuntime:
         self._last_step = call.step
         self.current = self._with_schedule(call)
         self._mask_cache = {}
+        self.padded_masks = {}
 
     def _with_schedule(self, call: CallInfo) -> CallInfo:
         """``call`` with the pipeline call's step count and its resolved dense-step count."""
@@ -197,6 +199,7 @@ class TransformerRuntime:
     def end(self) -> None:
         self.current = None
         self._mask_cache = {}
+        self.padded_masks = {}
 
     def read_mask(self, attn_mask: torch.Tensor, batch: int, heads: int, seq_len: int) -> MaskReading:
         """What ``attn_mask`` does to this forward's calls (``masks.read_mask``).
@@ -304,7 +307,7 @@ class AttentionSite:
             total_steps=call.total_steps,
         )
         executor = PlanExecutor(q, k, v, reading.key_valid, scale, rt.method.config.backend, rt.stats.count_backend,
-                                row_live=reading.row_live)
+                                row_live=reading.row_live, padded_masks=rt.padded_masks)
         return rt.caches.run(ctx, q, k, executor, dense)
 
 
@@ -320,8 +323,12 @@ def _reorder_mask(mask: torch.Tensor, order: torch.Tensor, seq_len: int) -> torc
 class PlanExecutor:
     """Runs plans on one call's q, k, v ([B, S, H, D], model order): slots in, kernel, slots out."""
 
-    def __init__(self, q, k, v, key_valid, scale, backend: str, on_run=None, row_live=None):
+    def __init__(self, q, k, v, key_valid, scale, backend: str, on_run=None, row_live=None, padded_masks=None):
         self.q, self.k, self.v = q, k, v
+        # (plan, key_valid) -> key-padded BlockMask, kept by the runtime for one forward: every layer of
+        # a forward sees the same mask tensor, so the BlockMask (and what the executors derive from it and
+        # cache per BlockMask) is built once per forward, not once per layer.
+        self.padded_masks = {} if padded_masks is None else padded_masks
         self.key_valid = key_valid  # [B, Hm, S] bool (Hm 1 or H; a [B, S] one is read as [B, 1, S]) or None
         if key_valid is not None and key_valid.dim() == 2:
             self.key_valid = key_valid[:, None, :]
@@ -333,6 +340,15 @@ class PlanExecutor:
     def block_mask(self, plan):
         if self.key_valid is None:
             return plan.block_mask
+        key = (id(plan), id(self.key_valid))
+        cached = self.padded_masks.get(key)
+        if cached is not None and cached[0] is plan and cached[1] is self.key_valid:
+            return cached[2]
+        block_mask = self._padded_block_mask(plan)
+        self.padded_masks[key] = (plan, self.key_valid, block_mask)  # held: the ids stay unique
+        return block_mask
+
+    def _padded_block_mask(self, plan):
         layout = plan.layout
         kv = self.key_valid
         if layout.per_head:  # every head has its own slot order
