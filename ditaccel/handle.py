@@ -75,9 +75,10 @@ class AccelerationHandle:
         self.stats_recorder.clear()
 
     def observe(self, fn) -> None:
-        """Call ``fn(info, q, k, v)`` on every intercepted self-attention call (``None`` stops).
+        """Call ``fn(call, q, k, v)`` on every intercepted self-attention call (``None`` stops).
 
-        ``info``: transformer, layer, step, branch, grid (T, H, W), text_len, text_position; q, k, v
+        ``call``: the ``ditaccel.call.Call`` -- transformer, layer, step, branch, grid (T, H, W), text_len,
+        text_position, batch, heads (attributes, or ``call["layer"]``); q, k, v
         are [B, S, H, D] exactly as attention sees them (after the model's norms and RoPE). For
         analysis: it runs before the method decides, whatever the method does with the call.
         """
@@ -85,6 +86,14 @@ class AccelerationHandle:
             raise ValueError(f"observe(fn): fn must be callable or None, got {type(fn).__name__}")
         for rt in self.runtimes:
             rt.observer = fn
+
+    def time_attention(self, enabled: bool = True) -> None:
+        """Time every intercepted attention call (``stats()`` ``time_ms``, ``attention_time_ms``); on by
+        default. Off, the call path has no timer at all (no CUDA events, no clock reads)."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"time_attention(enabled): a bool, got {enabled!r}")
+        for rt in self.runtimes:
+            rt.timing = enabled
 
     def track_attention_error(self, steps=None) -> None:
         """At these denoising steps, also run the model's dense attention on the same q, k, v for every

@@ -1,33 +1,30 @@
 """What every method shares: a config, a per-call decision, and a cache of plans.
 
-A method never sees a model. Per self-attention call it gets the call's ``AttentionSite`` facts
-(grid, text span, layer, step) and answers with ``None`` (run dense attention) or a ``SparsePlan``.
-Static methods (this issue's) describe their pattern as a predicate on video coordinates; the
-plan for a shape is built once and reused.
+A method never sees a model. Per self-attention call it gets the call (``state.CallContext``: the
+``call.Call`` facts -- grid, text span, layer, step, branch, batch, heads -- plus its cross-step
+state) and answers with ``None`` (run dense attention) or a ``SparsePlan``. Methods come in two
+kinds (``AttentionMethod.kind``):
+
+- **static**: the pattern depends on the call's shape only. The method defines it
+  (``video_predicate``); its plan is built once per shape and cached, so a steady-state call does no
+  planning work at all.
+- **dynamic**: the selection depends on the call's q and k (``plan_for``: scores, clusters, head
+  profiles), possibly reused across steps through ``ctx.state``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
+from ..call import CallShape
 from ..config import AttentionConfig
 from ..layout import build_layout
 from ..plan import SparsePlan, VideoPredicate, build_plan
 
 _PLAN_CACHE_SIZE = 16
-
-
-@dataclass(frozen=True)
-class CallShape:
-    """The facts about one self-attention call that a plan depends on."""
-
-    grid: tuple[int, int, int]
-    text_len: int
-    text_position: str
 
 
 def auto_tile(grid: tuple[int, int, int], block_size: int) -> tuple[int, int, int]:
@@ -93,6 +90,7 @@ class AttentionMethod:
     """
 
     name = ""
+    kind = "static"  # "static": a plan per shape, cached; "dynamic": a selection per call (module doc)
 
     def __init__(self, config: AttentionConfig):
         self.config = config
