@@ -16,6 +16,7 @@ from diffusers.hooks import HookRegistry
 
 from .caches import CrossStepCaches
 from .checks import check_against_pipeline
+from .compiled import SITE_ATTR, register_site
 from .config import AttentionConfig, with_overrides
 from .hooks import ATTENTION_HOOK, STEP_HOOK, AttentionHook, StepHook
 from .intercept import ProcessorKind, backend_member, processor_kind
@@ -216,6 +217,8 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
                 original = getattr(processor, "_attention_backend", None)
                 site = AttentionSite(runtime, layer, f"{attr}.{name}", original_backend=original)
                 handle._undo.append(_snapshot_module(module))
+                handle._undo.append(_restore_attr(module, SITE_ATTR))
+                setattr(module, SITE_ATTR, register_site(site))  # compiled.py: the site as a graph input
                 hook = AttentionHook(site, kind, member)
                 HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, ATTENTION_HOOK)
                 if kind is ProcessorKind.DISPATCH:

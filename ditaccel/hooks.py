@@ -11,7 +11,10 @@ Both are removed with ``remove_hook(name, recurse=True)``.
 
 from __future__ import annotations
 
+import torch
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+
+from .compiled import SITE_ATTR, TRACING
 
 from .intercept import ProcessorKind, SDPAIntercept, active_backend, current_site
 from .runtime import AttentionSite, ForwardInfo, TransformerRuntime
@@ -52,6 +55,11 @@ class StepHook(ModelHook):
                 self.state_manager.set_context(None)
         return context.name, self.state_manager.get_state(), context.step_index
 
+    # Run eagerly even inside a compiled transformer (``transformer.compile()``): the step facts are
+    # host values that change every step (dynamo would guard on them and recompile per step) and must
+    # be in place before the compiled blocks run (dynamo replays traced side effects only after its
+    # graph). ``recursive=False``: the transformer's own forward, called from here, is still compiled.
+    @torch._dynamo.disable(recursive=False)
     def new_forward(self, module, *args, **kwargs):
         facts = self.adapter.call_facts(module, args, kwargs)
         branch, state, step_index = self._branch_state()
@@ -89,6 +97,13 @@ class AttentionHook(ModelHook):
         self.member = member  # our backend's AttentionBackendName member (DISPATCH_ACTIVE only)
 
     def new_forward(self, module, *args, **kwargs):
+        if torch.compiler.is_compiling() and self.kind is ProcessorKind.DISPATCH:
+            # Traced: no context variable; the backend reads the module's site index (compiled.py).
+            TRACING.site_index = getattr(module, SITE_ATTR)
+            try:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            finally:
+                TRACING.site_index = None
         token = current_site.set(self.site)
         try:
             if self.kind is ProcessorKind.SDPA:

@@ -19,6 +19,7 @@ import contextvars
 import enum
 import inspect
 
+import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -37,6 +38,11 @@ def _sdpa_bshd(query, key, value, attn_mask=None, scale=None):
 def _ditaccel_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                       enable_gqa=False, _parallel_config=None):
     """Our diffusers attention backend: q, k, v are [B, S, H, D], as diffusers' dispatch passes them."""
+    if torch.compiler.is_compiling():  # dynamo is tracing: one opaque op per call (compiled.py)
+        from .compiled import TRACING, site_attention
+
+        if TRACING.site_index is not None and not (dropout_p or is_causal or enable_gqa or _parallel_config):
+            return site_attention(query, key, value, attn_mask, scale, TRACING.site_index)
     site = current_site.get()
     if site is None or dropout_p or is_causal or enable_gqa or _parallel_config is not None:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
