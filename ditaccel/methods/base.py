@@ -2,23 +2,29 @@
 
 A method never sees a model. Per self-attention call it gets the call's ``AttentionSite`` facts
 (grid, text span, layer, step) and answers with ``None`` (run dense attention) or a ``SparsePlan``.
-Static methods (this issue's) describe their pattern as a predicate on video coordinates; the
-plan for a shape is built once and reused.
+Static methods describe their pattern as a predicate on video coordinates and, to build plans in
+O(blocks^2), as a ``BoxRule`` on boxes of tokens (``ditaccel.block_geometry``); the plan for a shape
+is built once and reused. In tile order on a grid the tiles do not divide, the plan is built on
+both the packed and the tile-padded layout and the one with less kernel work is kept
+(``SparsePlan.layout_choice`` / ``layout_note`` say which and why).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from ..block_geometry import BoxRule, block_work, tiles_are_ragged
 from ..config import AttentionConfig
-from ..layout import build_layout
-from ..plan import SparsePlan, VideoPredicate, build_plan
+from ..layout import build_layout, padded_video_slots
+from ..plan import SparsePlan, VideoPredicate, build_block_plan, build_plan
 
 _PLAN_CACHE_SIZE = 16
+_MAX_PADDING = 2  # padded layouts are tried only up to this many slots per video token
 
 
 @dataclass(frozen=True)
@@ -134,11 +140,28 @@ class AttentionMethod:
 
     def build(self, shape: CallShape, device) -> SparsePlan:
         self.validate_grid(shape.grid)
-        layout = build_layout(
-            shape.grid, shape.text_len, shape.text_position, self.order(), self.tile_for(shape.grid),
-            self.config.block_size,
-        )
-        return build_plan(layout, self.video_predicate(shape.grid), device)
+        grid, order, bs = shape.grid, self.order(), self.config.block_size
+        tile = self.tile_for(grid)
+        predicate, rule = self.video_predicate(grid), self.box_rule(grid)
+
+        def plan_on(pad_tiles: bool) -> SparsePlan:
+            layout = build_layout(grid, shape.text_len, shape.text_position, order, tile, bs, pad_tiles)
+            if rule is None:  # a pattern without geometry: token-pair classification
+                return build_plan(layout, predicate, device)
+            return build_block_plan(layout, rule, predicate, device)
+
+        packed = plan_on(False)
+        if rule is None or order != "tile" or not tiles_are_ragged(grid, tile, bs):
+            return packed
+        if padded_video_slots(grid, tile, bs) > _MAX_PADDING * math.prod(grid):  # tiles far smaller than a block
+            return packed
+        padded = plan_on(True)
+        work_packed, work_padded = block_work(packed.any_blocks, bs), block_work(padded.any_blocks, bs)
+        note = (f"kernel work (computed block pairs x {bs}^2): padded tiles {work_padded:,} on "
+                f"{padded.layout.num_slots:,} slots, packed {work_packed:,} on {packed.layout.num_slots:,} slots")
+        if work_padded < work_packed:
+            return dataclasses.replace(padded, layout_choice="padded", layout_note=note)
+        return dataclasses.replace(packed, layout_choice="packed", layout_note=note)
 
     # --- what a static method defines -------------------------------------------------------
     def validate_grid(self, grid) -> None:
@@ -146,6 +169,10 @@ class AttentionMethod:
 
     def video_predicate(self, grid) -> VideoPredicate:
         raise NotImplementedError
+
+    def box_rule(self, grid) -> BoxRule | None:
+        """The same pattern on boxes of tokens (exact), or None: plans then classify token pairs."""
+        return None
 
 
 def num_tiles(grid, tile) -> tuple[int, int, int]:
