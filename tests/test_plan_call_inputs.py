@@ -15,10 +15,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ditaccel.block_geometry import block_work
-from ditaccel.layout import PAD, build_layout
+from ditaccel.layout import PAD, build_layout, per_head_layout
 from ditaccel.methods import TileConfig, WindowConfig, make_method
 from ditaccel.methods.base import CallShape
-from ditaccel.plan import build_block_plan
+from ditaccel.plan import build_block_plan, plan_from_blocks
 
 aten = torch.ops.aten
 
@@ -181,3 +181,15 @@ def test_layout_choice_keeps_packed_when_padding_costs_more_work():
             and "," in s]
     assert len(work) == 4 and work[0] >= work[2]  # padded work, padded slots, packed work, packed slots
     assert plan.layout.num_slots == math.prod((9, 8, 32))
+
+
+def test_call_key_valid_on_a_per_head_layout_permutes_each_head():
+    base = build_layout((2, 4, 5), 6, "prefix", "raster", (1, 1, 1), 16)
+    gen = torch.Generator().manual_seed(3)
+    orders = torch.stack([torch.randperm(base.num_video, generator=gen) for _ in range(3)])
+    layout = per_head_layout(base, orders)
+    plan = plan_from_blocks(layout, torch.ones(1, 3, layout.num_blocks, layout.num_blocks, dtype=torch.bool))
+    padding = torch.rand(2, 1, layout.seq_len, generator=gen) > 0.4
+    src = layout.src.clamp(max=layout.seq_len - 1)
+    expected = torch.stack([padding[:, 0, src[h]] for h in range(3)], 1) & (layout.kind != PAD)
+    assert torch.equal(plan.call_key_valid(padding), expected)
