@@ -28,17 +28,19 @@ from .state import StateStore
 _MISSING = object()
 
 
-def resolve_config(adapter: ModelAdapter, method, overrides: dict[str, Any], target=None) -> AttentionConfig:
+def resolve_config(adapter: ModelAdapter, method, overrides: dict[str, Any], target=None,
+                   notes: set[str] | None = None) -> AttentionConfig:
     """``method`` (None, a name or a config) + field overrides -> a validated config. None means
-    the preset for ``target`` (the pipeline or transformer; without one, the family's)."""
-    if method is None:
-        config = adapter.preset_for(target)
-    elif isinstance(method, AttentionConfig):
+    the preset for ``target`` (the pipeline or transformer; without one, the family's). A preset's or
+    family default's dense fraction on a bare transformer becomes a count (``for_target``; the note
+    goes to ``notes``); the user's own fields are taken as given."""
+    if isinstance(method, AttentionConfig):
         config = method
     else:
-        cls = config_class(method)
-        defaults = adapter.method_defaults(method)
-        config = cls(**defaults)
+        config = adapter.preset_for(target) if method is None else config_class(method)(**adapter.method_defaults(method, target))
+        config, note = adapter.for_target(config, target)
+        if note and notes is not None and "dense_steps" not in overrides:
+            notes.add(note)
     return with_overrides(config, overrides) if overrides else config
 
 
@@ -55,6 +57,7 @@ class AccelerationHandle:
         self.runtimes: list[TransformerRuntime] = []
         self._undo: list = []
         self._removed = False
+        self.notes: set[str] = set()  # how accelerate fitted the config to the target (stats()["notes"])
 
     @property
     def active(self) -> bool:
@@ -64,7 +67,7 @@ class AccelerationHandle:
         """Per-layer, per-step density, call counts and attention time (ms: CUDA events on CUDA, wall
         clock elsewhere); errors against dense attention at tracked steps; event counters; the
         memory the cross-step caches hold."""
-        notes = sorted(set().union(*(rt.method.notes for rt in self.runtimes)))
+        notes = sorted(set(self.notes).union(*(rt.method.notes for rt in self.runtimes)))
         return {"method": self.config.method, "family": self.adapter.family, "config": self.config.to_dict(),
                 **self.stats_recorder.summary(), "notes": notes}
 
@@ -72,9 +75,10 @@ class AccelerationHandle:
         self.stats_recorder.clear()
 
     def observe(self, fn) -> None:
-        """Call ``fn(info, q, k, v)`` on every intercepted self-attention call (``None`` stops).
+        """Call ``fn(call, q, k, v)`` on every intercepted self-attention call (``None`` stops).
 
-        ``info``: transformer, layer, step, branch, grid (T, H, W), text_len, text_position; q, k, v
+        ``call``: the ``ditaccel.call.Call`` -- transformer, layer, step, branch, grid (T, H, W), text_len,
+        text_position, batch, heads (attributes, or ``call["layer"]``); q, k, v
         are [B, S, H, D] exactly as attention sees them (after the model's norms and RoPE). For
         analysis: it runs before the method decides, whatever the method does with the call.
         """
@@ -82,6 +86,14 @@ class AccelerationHandle:
             raise ValueError(f"observe(fn): fn must be callable or None, got {type(fn).__name__}")
         for rt in self.runtimes:
             rt.observer = fn
+
+    def time_attention(self, enabled: bool = True) -> None:
+        """Time every intercepted attention call (``stats()`` ``time_ms``, ``attention_time_ms``); on by
+        default. Off, the call path has no timer at all (no CUDA events, no clock reads)."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"time_attention(enabled): a bool, got {enabled!r}")
+        for rt in self.runtimes:
+            rt.timing = enabled
 
     def track_attention_error(self, steps=None) -> None:
         """At these denoising steps, also run the model's dense attention on the same q, k, v for every
@@ -160,7 +172,8 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
         >>> handle.stats()["mean_density"], handle.remove()  # doctest: +SKIP
     """
     adapter = find_adapter(pipe, model)
-    config = resolve_config(adapter, method, overrides, pipe)
+    notes: set[str] = set()
+    config = resolve_config(adapter, method, overrides, pipe, notes)
     transformers = adapter.transformers(pipe)
     if not transformers:
         raise ValueError(f"{type(pipe).__name__} has no transformer to accelerate (looked for {adapter.pipeline_attrs})")
@@ -190,6 +203,7 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
     member = backend_member() if any(s[4] in dispatching for w in work for s in w[2]) else None
 
     handle = AccelerationHandle(pipe, adapter, config)
+    handle.notes |= notes
     method_impl = make_method(config)
     caches = CrossStepCaches(config, method_impl)
     handle._undo.append(lambda: _invalidate_registry_caches([t for _, t, _ in work]))

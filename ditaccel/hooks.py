@@ -14,7 +14,7 @@ from __future__ import annotations
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
 from .intercept import ProcessorKind, SDPAIntercept, active_backend, current_site
-from .runtime import AttentionSite, CallInfo, TransformerRuntime
+from .runtime import AttentionSite, ForwardInfo, TransformerRuntime
 
 STEP_HOOK = "ditaccel_step"
 ATTENTION_HOOK = "ditaccel_attention"
@@ -65,7 +65,7 @@ class StepHook(ModelHook):
             state.step += 1
         state.last_timestep = t
         state.shape = shape
-        self.runtime.begin(CallInfo(
+        self.runtime.begin(ForwardInfo(
             grid=facts.grid, text_len=facts.text_len, text_position=facts.text_position or self.adapter.text_position,
             batch=facts.batch, step=state.step, branch=branch, token_order=facts.token_order,
             dense_reason=facts.dense_reason,

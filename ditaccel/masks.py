@@ -51,31 +51,41 @@ def read_mask(attn_mask: torch.Tensor, batch: int, heads: int, seq_len: int) -> 
         return MaskReading(fallback=f"attention mask of shape {tuple(m.shape)} does not broadcast to "
                                     f"[B, H, S, S] = {list(target)} as SDPA reads it")
     m = m.reshape(shape)
-    finite_drop = None
     if m.dtype == torch.bool:
-        allowed = m
+        allowed, keep_or_drop, finite_drop = m, None, None
     elif m.is_floating_point():
         keep, drop = m == 0, m <= DROP_BELOW
-        if not bool((keep | drop).all()):
-            return MaskReading(fallback=f"additive attention mask with values other than 0 and <= {DROP_BELOW:g} "
-                                        f"(a bias, not a mask)")
-        allowed, finite_drop = keep, drop & torch.isfinite(m)
+        allowed, keep_or_drop, finite_drop = keep, (keep | drop).all(), drop & torch.isfinite(m)
     else:
         return MaskReading(fallback=f"attention mask of dtype {m.dtype} (bool or floating point is read)")
 
     row_live = allowed.any(-1, keepdim=True)  # [Bm, Hm, Qm, 1]
     key_valid = allowed.any(-2, keepdim=True)  # [Bm, Hm, 1, Km]
-    if not bool((allowed == (row_live & key_valid)).all()):
+    # Every verdict is a 0-d bool on the mask's device: read them all on the host at once (one sync).
+    no = torch.zeros((), dtype=torch.bool, device=m.device)
+    yes = ~no
+    checks = torch.stack([
+        yes if keep_or_drop is None else keep_or_drop,
+        (allowed == (row_live & key_valid)).all(),
+        no if finite_drop is None else (~row_live & finite_drop.any(-1, keepdim=True)).any(),
+        key_valid.all(),
+        row_live.all(),
+    ]).tolist()
+    only_keep_or_drop, factors, finite_dead_row, all_keys, all_rows = checks
+    if not only_keep_or_drop:
+        return MaskReading(fallback=f"additive attention mask with values other than 0 and <= {DROP_BELOW:g} "
+                                    f"(a bias, not a mask)")
+    if not factors:
         return MaskReading(fallback="attention mask depends on query and key together (not key padding "
                                     "with masked query rows)")
-    if finite_drop is not None and bool((~row_live & finite_drop.any(-1, keepdim=True)).any()):
+    if finite_dead_row:
         return MaskReading(fallback="attention mask drops every key of some row with a finite value (SDPA "
                                     "then averages over all keys)")
     Hm = heads if shape[1] > 1 else 1
     key_valid = key_valid[:, :, 0, :].expand(batch, Hm, seq_len)
     row_live = row_live[..., 0].expand(batch, Hm, seq_len)
-    return MaskReading(key_valid=None if bool(key_valid.all()) else key_valid.contiguous(),
-                       row_live=None if bool(row_live.all()) else row_live.contiguous())
+    return MaskReading(key_valid=None if all_keys else key_valid.contiguous(),
+                       row_live=None if all_rows else row_live.contiguous())
 
 
 __all__ = ["DROP_BELOW", "MaskReading", "read_mask"]

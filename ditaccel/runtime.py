@@ -18,16 +18,18 @@ from dataclasses import dataclass
 import torch
 
 from .caches import CrossStepCaches
+from .call import CallShape
 from .kernels import select_executor
 from .kernels.reference import block_sparse_lse_reference
 from .masks import MaskReading, read_mask
-from .methods import AttentionMethod, CallShape
+from .methods import AttentionMethod
 from .state import CallContext, StateStore
 
 
 @dataclass(frozen=True)
-class CallInfo:
-    """One transformer forward: the token grid, text span, batch, step and CFG branch."""
+class ForwardInfo:
+    """One transformer forward, as the step hook reads it: the token grid, text span, batch, step and
+    CFG branch (each of its self-attention calls becomes a ``call.Call`` with its layer and heads)."""
 
     grid: tuple[int, int, int]
     text_len: int
@@ -165,13 +167,17 @@ class TransformerRuntime:
         self.stats = stats
         self.store = store
         self.caches = caches
-        self.observer = None  # fn(info: dict, q, k, v), see AccelerationHandle.observe
+        self.observer = None  # fn(call: Call, q, k, v), see AccelerationHandle.observe
+        # Attention time per call (stats()["per_layer_step"][..]["time_ms"]): CUDA events / perf_counter
+        # around each call; off under torch.compile tracing (see AttentionSite._attend) or on request.
+        self.timing = True
         self.error_steps: frozenset[int] = frozenset()  # steps at which errors against dense are measured
-        self.current: CallInfo | None = None
+        self.current: ForwardInfo | None = None
         self._mask_cache: dict = {}
+        self.padded_masks: dict = {}  # per forward: see PlanExecutor.padded_masks
         self._last_step = -1
 
-    def begin(self, call: CallInfo) -> None:
+    def begin(self, call: ForwardInfo) -> None:
         # A step below the last one seen starts a new pipeline call: cross-step state is stale. (The
         # step hook's reset at the end of every pipeline call covers pipelines of a single step.)
         if call.step < self._last_step:
@@ -179,8 +185,9 @@ class TransformerRuntime:
         self._last_step = call.step
         self.current = self._with_schedule(call)
         self._mask_cache = {}
+        self.padded_masks = {}
 
-    def _with_schedule(self, call: CallInfo) -> CallInfo:
+    def _with_schedule(self, call: ForwardInfo) -> ForwardInfo:
         """``call`` with the pipeline call's step count and its resolved dense-step count."""
         config = self.method.config
         if self.clock is None or not config.follows_call:
@@ -197,6 +204,7 @@ class TransformerRuntime:
     def end(self) -> None:
         self.current = None
         self._mask_cache = {}
+        self.padded_masks = {}
 
     def read_mask(self, attn_mask: torch.Tensor, batch: int, heads: int, seq_len: int) -> MaskReading:
         """What ``attn_mask`` does to this forward's calls (``masks.read_mask``).
@@ -263,17 +271,24 @@ class AttentionSite:
         out = self._attend(call, q, k, v, attn_mask, scale, lambda: dense().index_select(1, order))
         return out.index_select(1, inverse)
 
-    def _attend(self, call, q, k, v, attn_mask, scale, dense):
+    def _attend(self, forward: ForwardInfo, q, k, v, attn_mask, scale, dense):
         rt = self.runtime
         B, S, H, D = q.shape
+        # The call's one value: everything below (observer, method, caches, stats) reads it.
+        shape = CallShape(forward.grid, forward.text_len, forward.text_position)
+        call = CallContext(
+            transformer=rt.name, layer=self.layer, step=forward.step, branch=forward.branch, shape=shape, batch=B,
+            heads=H, dense_steps=forward.dense_steps, total_steps=forward.total_steps,
+            state=rt.store.state(rt.name, self.layer, forward.branch, (shape, B, H)), store=rt.store,
+            counters=rt.stats.counters, reports=rt.stats.reports, values=v,
+        )
         key = (rt.name, self.layer, call.step, call.branch)
         if rt.observer is not None:
-            rt.observer({"transformer": rt.name, "layer": self.layer, "step": call.step, "branch": call.branch,
-                         "grid": call.grid, "text_len": call.text_len, "text_position": call.text_position},
-                        q, k, v)
-        timer = _Timer(rt.stats, key, q.is_cuda)
+            rt.observer(call, q, k, v)
+        timer = _Timer(rt.stats, key, q.is_cuda) if rt.timing and not torch.compiler.is_compiling() else None
         out, outcome, density = self._compute(call, q, k, v, attn_mask, scale, dense)
-        timer.stop()
+        if timer is not None:
+            timer.stop()
         rt.stats.record(*key, density, 4.0 * B * H * S * k.shape[1] * D, outcome)
         if outcome != "dense" and call.step in rt.error_steps:
             from .metrics import attention_rel_error
@@ -281,10 +296,10 @@ class AttentionSite:
             rt.stats.add_error(key, attention_rel_error(dense(), out))
         return out
 
-    def _compute(self, call, q, k, v, attn_mask, scale, dense):
+    def _compute(self, call: CallContext, q, k, v, attn_mask, scale, dense):
         rt = self.runtime
         B, S, H, _ = q.shape
-        if S != call.seq_len or k.shape[1] != S:
+        if S != call.shape.seq_len or k.shape[1] != S:
             self._warn_once(f"sequence of {S} tokens does not match the grid {call.grid} + {call.text_len} text")
             return dense(), "dense", 1.0
         reading = MaskReading()
@@ -296,16 +311,9 @@ class AttentionSite:
             if reading.fallback is not None:
                 self._warn_once(reading.fallback)
                 return dense(), "dense", 1.0
-        shape = CallShape(call.grid, call.text_len, call.text_position)
-        ctx = CallContext(
-            transformer=rt.name, layer=self.layer, step=call.step, branch=call.branch, shape=shape, batch=B,
-            heads=H, state=rt.store.state(rt.name, self.layer, call.branch, (shape, B, H)), store=rt.store,
-            counters=rt.stats.counters, reports=rt.stats.reports, values=v, dense_steps=call.dense_steps,
-            total_steps=call.total_steps,
-        )
         executor = PlanExecutor(q, k, v, reading.key_valid, scale, rt.method.config.backend, rt.stats.count_backend,
-                                row_live=reading.row_live)
-        return rt.caches.run(ctx, q, k, executor, dense)
+                                row_live=reading.row_live, padded_masks=rt.padded_masks)
+        return rt.caches.run(call, q, k, executor, dense)
 
 
 def _reorder_mask(mask: torch.Tensor, order: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -320,8 +328,12 @@ def _reorder_mask(mask: torch.Tensor, order: torch.Tensor, seq_len: int) -> torc
 class PlanExecutor:
     """Runs plans on one call's q, k, v ([B, S, H, D], model order): slots in, kernel, slots out."""
 
-    def __init__(self, q, k, v, key_valid, scale, backend: str, on_run=None, row_live=None):
+    def __init__(self, q, k, v, key_valid, scale, backend: str, on_run=None, row_live=None, padded_masks=None):
         self.q, self.k, self.v = q, k, v
+        # (plan, key_valid) -> key-padded BlockMask, kept by the runtime for one forward: every layer of
+        # a forward sees the same mask tensor, so the BlockMask (and what the executors derive from it and
+        # cache per BlockMask) is built once per forward, not once per layer.
+        self.padded_masks = {} if padded_masks is None else padded_masks
         self.key_valid = key_valid  # [B, Hm, S] bool (Hm 1 or H; a [B, S] one is read as [B, 1, S]) or None
         if key_valid is not None and key_valid.dim() == 2:
             self.key_valid = key_valid[:, None, :]
@@ -333,6 +345,15 @@ class PlanExecutor:
     def block_mask(self, plan):
         if self.key_valid is None:
             return plan.block_mask
+        key = (id(plan), id(self.key_valid))
+        cached = self.padded_masks.get(key)
+        if cached is not None and cached[0] is plan and cached[1] is self.key_valid:
+            return cached[2]
+        block_mask = self._padded_block_mask(plan)
+        self.padded_masks[key] = (plan, self.key_valid, block_mask)  # held: the ids stay unique
+        return block_mask
+
+    def _padded_block_mask(self, plan):
         layout = plan.layout
         kv = self.key_valid
         if layout.per_head:  # every head has its own slot order

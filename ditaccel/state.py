@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .methods.base import CallShape
+from .call import Call
 
 
 def _nbytes(value: Any) -> int:
@@ -116,28 +116,17 @@ class StateStore:
                 "refused": self.refused}
 
 
-@dataclass
-class CallContext:
-    """One self-attention call, as a method sees it."""
+@dataclass(frozen=True)
+class CallContext(Call):
+    """One self-attention call as a method sees it: the ``Call`` plus handles to its state --
+    ``state`` (this (transformer, layer, branch)'s ``LayerState``), the store, the handle's event
+    counters and reports, and the call's ``values`` for methods that profile outputs."""
 
-    transformer: str
-    layer: int
-    step: int
-    branch: str
-    shape: CallShape
-    batch: int
-    heads: int
-    state: LayerState
-    store: StateStore
+    state: LayerState | None = None
+    store: StateStore | None = None
     counters: dict = field(default_factory=lambda: defaultdict(int))
     reports: dict = field(default_factory=dict)
-    values: torch.Tensor | None = None  # the call's v [B, S, H, D], for methods that profile outputs
-    dense_steps: int | None = None  # leading steps of this pipeline call that run dense (None: the config's count)
-    total_steps: int | None = None  # steps of this pipeline call (None: unknown, e.g. a bare transformer)
-
-    @property
-    def shape_key(self) -> tuple:
-        return (self.shape, self.batch, self.heads)
+    values: torch.Tensor | None = None  # the call's v [B, S, H, D]
 
     def count(self, name: str, n: int = 1) -> None:
         """Count an event of this call (e.g. "scoring"): ``handle.stats()["counters"][name][step]``."""

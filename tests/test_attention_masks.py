@@ -17,7 +17,7 @@ from ditaccel.intercept import _ditaccel_backend, current_site
 from ditaccel.masks import read_mask
 from ditaccel.methods import DenseConfig, TopKConfig, WindowConfig, make_method
 from ditaccel.methods.base import CallShape
-from ditaccel.runtime import AttentionSite, CallInfo, Stats, TransformerRuntime
+from ditaccel.runtime import AttentionSite, ForwardInfo, Stats, TransformerRuntime
 from ditaccel.state import CallContext, StateStore
 
 GRID, TEXT, POSITION = (2, 8, 12), 24, "suffix"  # 192 video tokens, 24 text tokens after them
@@ -29,7 +29,7 @@ def _site(config):
     method = make_method(config)
     stats, store = Stats(), StateStore(64)
     rt = TransformerRuntime("transformer", method, stats, store, CrossStepCaches(config, method))
-    rt.begin(CallInfo(GRID, TEXT, POSITION, batch=B, step=0, branch="cond"))
+    rt.begin(ForwardInfo(GRID, TEXT, POSITION, batch=B, step=0, branch="cond"))
     return AttentionSite(rt, 0, "layer0"), rt
 
 

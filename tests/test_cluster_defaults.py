@@ -3,6 +3,8 @@ image's size the k-means work of the defaults is a small fraction of dense atten
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_plan_properties import _context
@@ -44,7 +46,7 @@ def test_small_image_at_defaults_runs_little_kmeans():
     method = make_method(ClusterConfig(block_size=64))
     ctx = _context(CallShape(grid, 0, "none"), B, H, None)
     for step in range(2):
-        ctx.step = step
+        ctx = dataclasses.replace(ctx, step=step)
         q, k = (torch.randn(B, n, H, D, generator=gen) for _ in range(2))
         plan = method.decide(ctx, q, k)
         assert plan is not None and torch.isfinite(plan.density)

@@ -137,11 +137,9 @@ def hand_built_qkv(gain=30.0, seed=0):
 
 
 def make_ctx(store, shape, step, batch=1, heads=5, layer=0, counters=None):
-    ctx = CallContext("transformer", layer, step, "cond", shape, batch, heads,
-                      store.state("transformer", layer, "cond", (shape, batch, heads)), store)
-    if counters is not None:
-        ctx.counters = counters
-    return ctx
+    extra = {} if counters is None else {"counters": counters}
+    return CallContext("transformer", layer, step, "cond", shape, batch, heads,
+                       state=store.state("transformer", layer, "cond", (shape, batch, heads)), store=store, **extra)
 
 
 HAND_CFG = dict(block_size=BS, tile=TILE, spatial_frames=0, diagonal_width=0, stripe_blocks=1)
@@ -315,7 +313,7 @@ SIZE_A["flux"] = dict(height=256, width=256)
 SIZE_B = {fam: dict(height=128, width=128, num_frames=5) for fam in E2E_FAMILIES}
 SIZE_B["flux"] = dict(height=128, width=256)
 # tolerance=1.0: the cheapest pattern wins almost surely, so something is left out on these grids.
-E2E_CFG = dict(block_size=64, tile=(1, 8, 8), tolerance=1.0, refresh=2, sample_rows=32)
+E2E_CFG = dict(block_size=64, tile=(1, 8, 8), tolerance=1.0, refresh=2, sample_rows=32, dense_steps=0)
 _PIPES: dict = {}
 
 

@@ -92,6 +92,17 @@ def test_linear_attention_model_is_refused_with_the_reason():
         ditaccel.accelerate(sana)
 
 
+def test_wan_animate2_is_refused_with_the_reason():
+    from diffusers import WanAnimate2Transformer3DModel
+
+    model = WanAnimate2Transformer3DModel(num_layers=1, num_heads=2, dim=32, ffn_dim=64, freq_dim=32, text_dim=16,
+                                          in_dim=4, out_dim=4)
+    with pytest.raises(ValueError, match="WanAnimate2Transformer3DModel: its generation pass already runs "
+                                         "block-sparse attention of its own"):
+        ditaccel.accelerate(model, "tile")
+    assert not hasattr(model, "_diffusers_hook")
+
+
 @pytest.mark.parametrize("diffusers_attention", [False, True])
 @pytest.mark.parametrize("fixed_grid", [False, True])
 def test_spec_runs_the_plan_and_removes(diffusers_attention, fixed_grid, monkeypatch):

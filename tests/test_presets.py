@@ -66,17 +66,54 @@ def test_wan22_pipeline_gets_the_wan22_preset_and_follows_steps():
         assert any(c["dense_calls"] < c["calls"] for c in per_layer if c["layer"] == 1)
 
 
-def test_presets_on_a_bare_transformer_ask_for_a_count(tiny_wan):
-    with pytest.raises(ValueError, match=r"RadialConfig\.dense_steps=0\.24 follows the pipeline call"):
-        ditaccel.accelerate(tiny_wan)
-    with ditaccel.accelerate(tiny_wan, dense_steps=12) as handle:  # the preset with a count
-        assert handle.config.decay_factor == 0.2 and handle.config.dense_steps == 12
+def test_presets_on_a_bare_transformer_count_the_family_default_steps(tiny_wan):
+    # No scheduler counts a bare transformer's steps: the preset's fraction runs as its count at the
+    # family pipeline's default step count, and stats() says so.
+    with ditaccel.accelerate(tiny_wan) as handle:
+        assert handle.config.decay_factor == 0.2 and handle.config.dense_steps == resolve_count(0.24, 50) == 12
+        assert any("bare transformer" in n and "runs as 12" in n for n in handle.stats()["notes"])
+    with ditaccel.accelerate(tiny_wan, dense_steps=3) as handle:  # the user's count wins, no note
+        assert handle.config.dense_steps == 3 and not handle.stats()["notes"]
+    # The user's own fraction is taken as given, and refused (nothing counts the steps).
+    with pytest.raises(ValueError, match=r"RadialConfig\.dense_steps=0\.3 follows the pipeline call"):
+        ditaccel.accelerate(tiny_wan, dense_steps=0.3)
 
 
-def test_named_radial_gets_the_published_mask_knobs():
-    assert WanAdapter().method_defaults("radial") == {"decay_factor": 0.2, "dense_layers": 1}
-    assert HunyuanVideoAdapter().method_defaults("radial") == {"decay_factor": 0.95}
+@pytest.mark.parametrize("family,adapter,count", [("flux", FluxAdapter(), resolve_count(0.25, 28)),
+                                                   ("cogvideox", CogVideoXAdapter(), resolve_count(0.25, 50))])
+def test_conservative_presets_follow_the_call_and_count_on_a_bare_transformer(family, adapter, count):
+    pipe = pipe_for(family)
+    with ditaccel.accelerate(pipe) as handle:
+        assert isinstance(handle.config.dense_steps, float)
+    with ditaccel.accelerate(pipe.transformer) as handle:
+        assert handle.config.dense_steps == count == resolve_count(adapter.preset().dense_steps, adapter.typical_steps)
 
 
-def test_embedded_preset_unchanged():
-    assert embedded.PRESET == ditaccel.XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
+def test_named_methods_get_their_published_settings():
+    assert WanAdapter().method_defaults("radial") == {"dense_steps": 0.24, "decay_factor": 0.2, "dense_layers": 1}
+    assert WanAdapter().method_defaults("heads") == {"dense_steps": 0.2}  # Sparse VideoGen on Wan
+    hv = HunyuanVideoAdapter()
+    assert hv.method_defaults("radial") == {"dense_steps": 0.24, "decay_factor": 0.95}
+    assert hv.method_defaults("heads") == {"dense_steps": 0.1}  # Sparse VideoGen on HunyuanVideo
+    assert resolve_count(hv.method_defaults("tile")["dense_steps"], 50) == 15  # Sliding Tile Attention
+    assert WanAdapter().method_defaults("tile") == {}  # nothing published: the method's own defaults
+
+
+def test_named_methods_follow_the_call_on_a_pipeline():
+    wan = pipe_for("wan")
+    with ditaccel.accelerate(wan, "radial") as handle:
+        assert handle.config.dense_steps == 0.24 and handle.config.dense_layers == 1
+        for steps in (3, 6):
+            handle.reset_stats()
+            wan(**call_kwargs("wan", wan, steps=steps, output_type="latent"))
+            dense = [s for s, v in handle.stats()["steps"].items() if v["dense_calls"] == v["calls"]]
+            assert dense == list(range(resolve_count(0.24, steps))), steps
+
+
+def test_the_embedded_pipeline_keeps_the_methods_own_defaults():
+    from ditaccel.methods import RadialConfig
+
+    pipe = embedded.load()
+    assert WanAdapter().method_defaults("radial", pipe) == {}
+    with ditaccel.accelerate(pipe, "radial") as handle:
+        assert handle.config == RadialConfig()

@@ -167,7 +167,7 @@ class DemoSession:
 
         pipe, _ = self.pipeline(model)
         adapter = find_adapter(pipe)
-        configs = {m: resolve_config(adapter, m, {}) for m in methods}
+        configs = {m: resolve_config(adapter, m, {}, pipe) for m in methods}
         configs[PRESET] = resolve_config(adapter, None, {}, pipe)
         return adapter.family, configs
 

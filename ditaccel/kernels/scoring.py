@@ -135,8 +135,7 @@ def select_blocks(
             keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
             keep.scatter_(-1, order, mass_before < cdf)
     if keep_diagonal:
-        diag = torch.arange(min(nq, nk), device=scores.device)
-        keep[:, :, diag, diag] = True
+        keep.diagonal(dim1=-2, dim2=-1).fill_(True)  # in place: no index tensor, no value tensor from the host
     keep_cols = _check_always_keep(always_keep_kv_blocks, scores.device)
     if keep_cols is not None and keep_cols.numel():
         cols = torch.zeros(nk, dtype=torch.bool, device=scores.device).index_fill_(0, keep_cols, True)
@@ -170,7 +169,7 @@ def mean_pool_block_scores_reference(q, k, block_size: int, *, scale: float | No
         n = -(-S // block_size)
         x = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - S))
         counts = torch.full((n,), float(block_size), device=x.device)
-        counts[-1] = S - (n - 1) * block_size
+        counts[-1].fill_(S - (n - 1) * block_size)  # fill_: a scalar argument, not a tensor made on the host
         return x.view(B, H, n, block_size, D).sum(3) / counts[:, None]
 
     logits = torch.einsum("bhqd,bhkd->bhqk", pool(q), pool(k)) * scale

@@ -1,12 +1,18 @@
 """What every method shares: a config, a per-call decision, and a cache of plans.
 
-A method never sees a model. Per self-attention call it gets the call's ``AttentionSite`` facts
-(grid, text span, layer, step) and answers with ``None`` (run dense attention) or a ``SparsePlan``.
-Static methods describe their pattern as a predicate on video coordinates and, to build plans in
-O(blocks^2), as a ``BoxRule`` on boxes of tokens (``ditaccel.block_geometry``); the plan for a shape
-is built once and reused. In tile order on a grid the tiles do not divide, the plan is built on
-both the packed and the tile-padded layout and the one with less kernel work is kept
-(``SparsePlan.layout_choice`` / ``layout_note`` say which and why).
+A method never sees a model. Per self-attention call it gets the call (``state.CallContext``: the
+``call.Call`` facts -- grid, text span, layer, step, branch, batch, heads -- plus its cross-step
+state) and answers with ``None`` (run dense attention) or a ``SparsePlan``. Methods come in two
+kinds (``AttentionMethod.kind``):
+
+- **static**: the pattern depends on the call's shape only. The method defines it
+  (``video_predicate``, and ``box_rule`` -- the same pattern on boxes of tokens -- so the plan is
+  built in O(blocks^2) by ``ditaccel.block_geometry``); its plan is built once per shape and cached,
+  so a steady-state call does no planning work at all. In tile order on a grid the tiles do not
+  divide, the plan is built on both the packed and the tile-padded layout and the one with less
+  kernel work is kept (``SparsePlan.layout_choice`` / ``layout_note`` say which and why).
+- **dynamic**: the selection depends on the call's q and k (``plan_for``: scores, clusters, head
+  profiles), possibly reused across steps through ``ctx.state``.
 """
 
 from __future__ import annotations
@@ -14,26 +20,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
 from ..block_geometry import BoxRule, block_work, tiles_are_ragged
+from ..call import CallShape
 from ..config import AttentionConfig
 from ..layout import build_layout, padded_video_slots
 from ..plan import SparsePlan, VideoPredicate, build_block_plan, build_plan
 
 _PLAN_CACHE_SIZE = 16
 _MAX_PADDING = 2  # padded layouts are tried only up to this many slots per video token
-
-
-@dataclass(frozen=True)
-class CallShape:
-    """The facts about one self-attention call that a plan depends on."""
-
-    grid: tuple[int, int, int]
-    text_len: int
-    text_position: str
 
 
 def auto_tile(grid: tuple[int, int, int], block_size: int) -> tuple[int, int, int]:
@@ -99,6 +96,7 @@ class AttentionMethod:
     """
 
     name = ""
+    kind = "static"  # "static": a plan per shape, cached; "dynamic": a selection per call (module doc)
 
     def __init__(self, config: AttentionConfig):
         self.config = config

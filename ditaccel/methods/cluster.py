@@ -255,6 +255,7 @@ def _split_batch(centroids: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class ClusterMethod(AttentionMethod):
+    kind = "dynamic"
     name = "cluster"
 
     def _clusters(self, ctx, x: torch.Tensor, clusters: int, name: str, cold_iters: int) -> tuple[torch.Tensor, torch.Tensor]:

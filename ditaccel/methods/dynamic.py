@@ -131,6 +131,8 @@ def video_blocks(layout: TokenLayout, device) -> VideoBlocks:
 class DynamicMethod(AttentionMethod):
     """Base of topk and xattn: subclasses define ``block_scores`` and ``select_video_blocks``."""
 
+    kind = "dynamic"
+
     def __init__(self, config: DynamicConfig):
         super().__init__(config)
         self._video = ShapeCache()

@@ -246,6 +246,7 @@ def choose_patterns(errors, costs, tolerance: float) -> tuple[str, ...]:
 # --- the method --------------------------------------------------------------------------------
 
 class HeadsMethod(AttentionMethod):
+    kind = "dynamic"
     name = "heads"
 
     def __init__(self, config: HeadsConfig):

@@ -20,6 +20,7 @@ class ScheduledMethod(AttentionMethod):
         super().__init__(config)
         self.method_cls = method_cls
         self.name = method_cls.name
+        self.kind = method_cls.kind
         self._parts: dict[tuple[int, ...], AttentionMethod] = {}  # part index per scheduled knob -> method
 
     def part(self, ctx) -> AttentionMethod:

@@ -16,6 +16,7 @@ class AllegroAdapter(ModelAdapter):
     text_position = "none"
     attention_route = "sdpa"
     preset_source = conservative_source(100)
+    typical_steps = 100
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn1"),))
@@ -28,4 +29,4 @@ class AllegroAdapter(ModelAdapter):
         return CallFacts((F // pt, H // p, W // p), 0, B, self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(100)
+        return conservative_preset()

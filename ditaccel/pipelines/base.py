@@ -9,13 +9,14 @@ family's presets: the config ``method=None`` picks and per-method defaults tuned
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..config import AttentionConfig
+from ..config import AttentionConfig, resolve_count
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class ModelAdapter:
     """What else shares the self-attention sequence besides the grid and the text, and how it is kept."""
     accepts_plain_modules: bool = False
     """Whether attention modules without a diffusers processor may be intercepted (SDPA route)."""
+    typical_steps: int = 50
+    """The step count of the family pipeline's default call: what a preset's dense fraction is
+    counted against on a bare transformer, which has no scheduler to count the call's steps."""
 
     # --- finding things -------------------------------------------------------------------------
     def matches(self, transformer: torch.nn.Module) -> bool:
@@ -99,9 +103,22 @@ class ModelAdapter:
         the adapter knows a better one for its architecture."""
         return self.preset()
 
-    def method_defaults(self, method: str) -> dict[str, Any]:
-        """Family-tuned field defaults for ``method`` (overridden by the user's fields)."""
+    def method_defaults(self, method: str, target=None) -> dict[str, Any]:
+        """Family-tuned field defaults for ``method`` on ``target`` (the pipeline or transformer; None:
+        the family's), overridden by the user's fields."""
         return {}
+
+    def for_target(self, config: AttentionConfig, target) -> tuple[AttentionConfig, str | None]:
+        """A preset or family default fitted to what it is applied to: on a bare transformer (no
+        scheduler counts the call's steps) a dense fraction becomes its count at the family pipeline's
+        default step count, with a note saying so; anything else is returned as it is."""
+        if not isinstance(target, torch.nn.Module) or not isinstance(config.dense_steps, float):
+            return config, None
+        count = resolve_count(config.dense_steps, self.typical_steps)
+        note = (f"dense_steps={config.dense_steps:g} (a fraction of the call's steps) on a bare transformer, which "
+                f"has no scheduler to count them: runs as {count}, its count at the {self.family} pipeline's "
+                f"default {self.typical_steps} steps")
+        return dataclasses.replace(config, dense_steps=count), note
 
 
 _SIGNATURES: dict[type, inspect.Signature] = {}
@@ -128,19 +145,20 @@ CONSERVATIVE_DENSE_FRACTION = 0.2
 CONSERVATIVE_TOPK = 0.3
 
 
-def conservative_preset(typical_steps: int) -> AttentionConfig:
+def conservative_preset() -> AttentionConfig:
     """The preset of a family nobody has calibrated yet: ``topk`` keeping 30% of the key blocks (plan
-    density >= 0.3; text and extra tokens stay dense on top) after the first 20% of the family
-    pipeline's default step count run dense (a count, rounded up)."""
+    density >= 0.3; text and extra tokens stay dense on top) after the first 20% of the call's steps
+    run dense (a fraction: it follows the step count of every call)."""
     from ..methods import TopKConfig
 
-    return TopKConfig(topk=CONSERVATIVE_TOPK, dense_steps=-(-typical_steps // 5))
+    return TopKConfig(topk=CONSERVATIVE_TOPK, dense_steps=CONSERVATIVE_DENSE_FRACTION)
 
 
 def conservative_source(typical_steps: int) -> str:
-    n = -(-typical_steps // 5)
-    return (f"not yet calibrated: conservative choice, topk={CONSERVATIVE_TOPK} (density >= 0.3), first {n} "
-            f"of the pipeline's default {typical_steps} steps dense (20%)")
+    n = resolve_count(CONSERVATIVE_DENSE_FRACTION, typical_steps)
+    return (f"not yet calibrated: conservative choice, topk={CONSERVATIVE_TOPK} (density >= 0.3), the first 20% of "
+            f"the call's steps dense (dense_steps={CONSERVATIVE_DENSE_FRACTION}; {n} of the pipeline's default "
+            f"{typical_steps}, the count a bare transformer runs)")
 
 
 def dense_runs_first(before: int, n_video: int, after: int) -> torch.Tensor:

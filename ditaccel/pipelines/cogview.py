@@ -32,7 +32,7 @@ class CogView3PlusAdapter(ModelAdapter):
         return CallFacts((1, H // p, W // p), text_len, B, self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(self.typical_steps)
+        return conservative_preset()
 
 
 class CogView4Adapter(CogView3PlusAdapter):

@@ -17,6 +17,7 @@ class ConsisIDAdapter(ModelAdapter):
     text_position = "prefix"
     attention_route = "sdpa"
     preset_source = conservative_source(50)
+    typical_steps = 50
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn1"),))
@@ -30,4 +31,4 @@ class ConsisIDAdapter(ModelAdapter):
         return CallFacts((F, H // p, W // p), text_len, B, self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()

@@ -19,6 +19,7 @@ class CosmosAdapter(ModelAdapter):
     text_position = "none"
     attention_route = "dispatch-active"
     preset_source = conservative_source(35)
+    typical_steps = 35
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn1"),))
@@ -29,4 +30,4 @@ class CosmosAdapter(ModelAdapter):
         return CallFacts(wan_grid(transformer, x), 0, x.shape[0], self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(35)
+        return conservative_preset()

@@ -11,6 +11,8 @@ dense extra keys and queries, planned as one dense run with the text (their own 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..methods import TopKConfig
@@ -30,6 +32,7 @@ class FluxAdapter(ModelAdapter):
     tokens_note = "Kontext context-image tokens after the image: dense extra tokens"
     preset_source = ("not yet calibrated: a conservative choice, topk 0.3 (density >= 0.3), 25% of steps dense "
                      "(dense_steps=0.25); no published configuration for this family")
+    typical_steps = 28  # FluxPipeline's default num_inference_steps
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")))
@@ -37,9 +40,7 @@ class FluxAdapter(ModelAdapter):
     def call_facts(self, transformer, args, kwargs):
         a = self.bind(transformer, args, kwargs)
         x = a["hidden_states"]
-        ids = a["img_ids"]
-        ids = ids[0] if ids.dim() == 3 else ids
-        grid, n_image = image_grid_from_ids(ids, x.shape[1])
+        grid, n_image = IMAGE_GRIDS.read(a["img_ids"], x.shape[1])
         text_len = a["encoder_hidden_states"].shape[1]
         extra = x.shape[1] - n_image
         order = dense_runs_first(text_len, n_image, extra) if extra else None
@@ -49,12 +50,28 @@ class FluxAdapter(ModelAdapter):
     def preset(self):
         return PRESET
 
-    def method_defaults(self, method):
+    def method_defaults(self, method, target=None):
         if method == "window":
             return {"kernel_size": (1, 9, 9)}
         if method == "tile":
             return {"window": (1, 5, 5)}
         return {}
+
+
+class ImageGridCache:
+    """``image_grid_from_ids`` read on the host once per ids tensor: pipelines pass the same
+    ``img_ids`` tensor to every step, and reading it is a device sync."""
+
+    def __init__(self):
+        self._last = None  # (weakref to the ids tensor, its version and the length, the answer)
+
+    def read(self, ids: torch.Tensor, num_tokens: int):
+        last = self._last
+        if last is not None and last[0]() is ids and last[1] == (ids._version, num_tokens):
+            return last[2]
+        found = image_grid_from_ids(ids[0] if ids.dim() == 3 else ids, num_tokens)
+        self._last = (weakref.ref(ids), (ids._version, num_tokens), found)
+        return found
 
 
 def image_grid_from_ids(ids: torch.Tensor, num_tokens: int) -> tuple[tuple[int, int, int], int]:
@@ -81,9 +98,13 @@ class ChromaAdapter(FluxAdapter):
     tokens_note = ""
 
     preset_source = conservative_source(35)
+    typical_steps = 35
 
     def preset(self):
-        return conservative_preset(35)
+        return conservative_preset()
 
-    def method_defaults(self, method):
+    def method_defaults(self, method, target=None):
         return {}
+
+
+IMAGE_GRIDS = ImageGridCache()

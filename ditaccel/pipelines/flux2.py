@@ -11,7 +11,7 @@ fewer than the keys: those calls run the model's own attention.
 from __future__ import annotations
 
 from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source, dense_runs_first
-from .flux import image_grid_from_ids
+from .flux import IMAGE_GRIDS
 
 
 class Flux2Adapter(ModelAdapter):
@@ -20,6 +20,7 @@ class Flux2Adapter(ModelAdapter):
     text_position = "prefix"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
     tokens_note = "reference-image tokens after the image: dense extra tokens"
 
     def self_attention_modules(self, transformer):
@@ -28,9 +29,7 @@ class Flux2Adapter(ModelAdapter):
     def call_facts(self, transformer, args, kwargs):
         a = self.bind(transformer, args, kwargs)
         x = a["hidden_states"]
-        ids = a["img_ids"]
-        ids = ids[0] if ids.dim() == 3 else ids
-        grid, n_image = image_grid_from_ids(ids, x.shape[1])
+        grid, n_image = IMAGE_GRIDS.read(a["img_ids"], x.shape[1])
         text_len = a["encoder_hidden_states"].shape[1]
         extra = x.shape[1] - n_image
         order = dense_runs_first(text_len, n_image, extra) if extra else None
@@ -38,4 +37,4 @@ class Flux2Adapter(ModelAdapter):
                          token_order=order)
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()

@@ -23,12 +23,12 @@ FLUX_LIKE = (
 
 def _make(family: str, cls: str, steps: int) -> type:
     def preset(self):
-        return conservative_preset(steps)
+        return conservative_preset()
 
     return type(f"{cls.removesuffix('Transformer2DModel')}Adapter", (FluxAdapter,), {
-        "family": family, "transformer_classes": (cls,), "preset_source": conservative_source(steps),
+        "family": family, "transformer_classes": (cls,), "preset_source": conservative_source(steps), "typical_steps": steps,
         "tokens_note": "tokens after the image (edit references): dense extra tokens", "preset": preset,
-        "method_defaults": lambda self, method: {}, "__doc__": f"{cls}: Flux's layout (see :mod:`.flux_like`).",
+        "method_defaults": lambda self, method, target=None: {}, "__doc__": f"{cls}: Flux's layout (see :mod:`.flux_like`).",
     })
 
 

@@ -20,6 +20,7 @@ class HiDreamAdapter(ModelAdapter):
     text_position = "suffix"
     attention_route = "sdpa"
     preset_source = conservative_source(50)
+    typical_steps = 50
     tokens_note = "T5 + Llama tokens after the image; non-square padding kept dense"
 
     def self_attention_modules(self, transformer):
@@ -43,4 +44,4 @@ class HiDreamAdapter(ModelAdapter):
         return CallFacts(grid, None, x.shape[0], self.scalar_timestep(a.get("timesteps")))
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()

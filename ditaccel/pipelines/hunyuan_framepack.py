@@ -20,6 +20,7 @@ class HunyuanFramepackAdapter(ModelAdapter):
     text_position = "prefix"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
     tokens_note = "history latents before the video, image + text after: one dense run (permuted)"
 
     def self_attention_modules(self, transformer):
@@ -38,4 +39,4 @@ class HunyuanFramepackAdapter(ModelAdapter):
         return CallFacts(grid, None, B, self.scalar_timestep(a.get("timestep")), token_order=order)
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()

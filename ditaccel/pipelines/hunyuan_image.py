@@ -19,6 +19,7 @@ class HunyuanImageAdapter(ModelAdapter):
     text_position = "suffix"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")))
@@ -31,4 +32,4 @@ class HunyuanImageAdapter(ModelAdapter):
         return CallFacts(grid, None, x.shape[0], self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()

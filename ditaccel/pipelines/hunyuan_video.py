@@ -15,6 +15,13 @@ from .base import CallFacts, ModelAdapter, blocks
 # dense (as a fraction: it follows the call's step count), decay_factor 0.95, no dense layers
 # (its scripts/hunyuan_t2v_inference.sh: dense_layers=0, dense_timesteps=12).
 PRESET = RadialConfig(dense_steps=12 / 50, decay_factor=0.95)
+# A method named by the user starts from its published HunyuanVideo setting: radial as above; Sparse
+# VideoGen keeps 10% of the steps dense ('heads'); Sliding Tile Attention 15 of 50 ('tile').
+METHOD_DEFAULTS = {
+    "radial": {"dense_steps": PRESET.dense_steps, "decay_factor": PRESET.decay_factor},
+    "heads": {"dense_steps": 0.1},
+    "tile": {"dense_steps": 15 / 50},
+}
 
 
 class HunyuanVideoAdapter(ModelAdapter):
@@ -40,5 +47,5 @@ class HunyuanVideoAdapter(ModelAdapter):
     def preset(self):
         return PRESET
 
-    def method_defaults(self, method):
-        return {"decay_factor": PRESET.decay_factor} if method == "radial" else {}
+    def method_defaults(self, method, target=None):
+        return dict(METHOD_DEFAULTS.get(method, {}))

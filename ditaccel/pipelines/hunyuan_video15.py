@@ -21,6 +21,7 @@ class HunyuanVideo15Adapter(ModelAdapter):
     text_position = "suffix"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
     tokens_note = "image, ByT5 and MLLM streams after the video, bool padding mask"
 
     def self_attention_modules(self, transformer):
@@ -34,4 +35,4 @@ class HunyuanVideo15Adapter(ModelAdapter):
         return CallFacts((F // pt, H // p, W // p), None, B, self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()

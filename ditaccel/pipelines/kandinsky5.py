@@ -19,6 +19,7 @@ class Kandinsky5Adapter(ModelAdapter):
     text_position = "none"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
     tokens_note = "with sparse_params (NABLA) the model's own sparse attention runs"
 
     def self_attention_modules(self, transformer):
@@ -32,4 +33,4 @@ class Kandinsky5Adapter(ModelAdapter):
         return CallFacts((T // pt, H // ph, W // pw), 0, B, self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()

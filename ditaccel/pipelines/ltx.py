@@ -23,6 +23,7 @@ class LTXVideoAdapter(ModelAdapter):
     text_position = "none"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn1"),))
@@ -33,4 +34,4 @@ class LTXVideoAdapter(ModelAdapter):
         return CallFacts(packed_video_grid(transformer, a), 0, x.shape[0], self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()

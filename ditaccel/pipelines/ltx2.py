@@ -20,6 +20,7 @@ class LTX2Adapter(ModelAdapter):
     text_position = "none"
     attention_route = "dispatch"
     preset_source = conservative_source(30)
+    typical_steps = 30
     tokens_note = "video self-attention only; audio and cross-modal attention dense"
 
     def self_attention_modules(self, transformer):
@@ -31,4 +32,4 @@ class LTX2Adapter(ModelAdapter):
         return CallFacts(packed_video_grid(transformer, a), 0, x.shape[0], self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(30)
+        return conservative_preset()

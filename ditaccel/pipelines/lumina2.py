@@ -20,6 +20,7 @@ class Lumina2Adapter(ModelAdapter):
     text_position = "prefix"
     attention_route = "sdpa"
     preset_source = conservative_source(30)
+    typical_steps = 30
     tokens_note = "noise_refiner layers: image tokens only; unequal caption lengths in a batch run dense"
 
     def self_attention_modules(self, transformer):
@@ -36,4 +37,4 @@ class Lumina2Adapter(ModelAdapter):
         return CallFacts((1, H // p, W // p), None, B, self.scalar_timestep(a.get("timestep")), dense_reason=reason)
 
     def preset(self):
-        return conservative_preset(30)
+        return conservative_preset()

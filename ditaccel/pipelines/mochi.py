@@ -17,6 +17,7 @@ class MochiAdapter(ModelAdapter):
     text_position = "suffix"
     attention_route = "sdpa"
     preset_source = conservative_source(64)
+    typical_steps = 64
     tokens_note = "per-sample SDPA calls without padded text"
 
     def self_attention_modules(self, transformer):
@@ -30,4 +31,4 @@ class MochiAdapter(ModelAdapter):
         return CallFacts((F, H // p, W // p), None, B, self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(64)
+        return conservative_preset()

@@ -18,6 +18,7 @@ class QwenImageAdapter(ModelAdapter):
     text_position = "prefix"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
     tokens_note = "Edit reference images after the image: dense extra tokens; bool text key mask"
 
     def self_attention_modules(self, transformer):
@@ -37,4 +38,4 @@ class QwenImageAdapter(ModelAdapter):
                          token_order=order)
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()

@@ -18,6 +18,11 @@ REFUSED = {
     "SanaVideoTransformer3DModel": _LINEAR,
     "SanaWMTransformer3DModel": "most of its blocks run gated-delta-net linear attention, not softmax (its few "
                                 "softmax blocks are not covered): ditaccel's sparse plans do not apply",
+    "WanAnimate2Transformer3DModel": "its generation pass already runs block-sparse attention of its own: the "
+                                     "processor forces diffusers' flex backend with the model's BlockMask over a "
+                                     "packed [generation | cached reference] buffer, which ditaccel would have to "
+                                     "intersect with its plans (not supported yet); the reference pass is dense "
+                                     "once per video",
 }
 """Transformer classes ditaccel refuses on purpose, and why."""
 

@@ -18,6 +18,7 @@ class SD3Adapter(ModelAdapter):
     text_position = "suffix"
     attention_route = "sdpa"
     preset_source = conservative_source(28)
+    typical_steps = 28
     tokens_note = "SD3.5 dual-attention attn2: image tokens only"
 
     def self_attention_modules(self, transformer):
@@ -31,4 +32,4 @@ class SD3Adapter(ModelAdapter):
         return CallFacts((1, H // p, W // p), None, B, self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(28)
+        return conservative_preset()

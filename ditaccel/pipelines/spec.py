@@ -135,7 +135,7 @@ class SpecAdapter(ModelAdapter):
         return CallFacts(tuple(grid), text_len, batch, self.scalar_timestep(t))
 
     def preset(self):
-        return self.spec.preset if self.spec.preset is not None else conservative_preset(50)
+        return self.spec.preset if self.spec.preset is not None else conservative_preset()
 
 
 def adapter_for_spec(spec: Any) -> SpecAdapter:

@@ -24,6 +24,14 @@ WAN21_PRESET = RadialConfig(dense_steps=12 / 50, dense_layers=1, decay_factor=0.
 # Wan 2.2-A14B T2V (two transformers): 11 of 40 steps dense, decay_factor 0.8; the dense layer as
 # Wan 2.1's (the published Wan 2.2 figures give steps and decay only).
 WAN22_PRESET = RadialConfig(dense_steps=11 / 40, dense_layers=1, decay_factor=0.8)
+# A method named by the user on Wan 2.1 starts from that method's published Wan setting: radial as
+# above; Sparse VideoGen (Xi et al. 2025) keeps the first 20% of Wan's steps dense for its
+# spatial/temporal head patterns ('heads').
+WAN21_METHOD_DEFAULTS = {
+    "radial": {"dense_steps": WAN21_PRESET.dense_steps, "decay_factor": WAN21_PRESET.decay_factor,
+               "dense_layers": WAN21_PRESET.dense_layers},
+    "heads": {"dense_steps": 0.2},
+}
 
 
 def wan_grid(transformer, hidden_states) -> tuple[int, int, int]:
@@ -65,9 +73,12 @@ class WanAdapter(ModelAdapter):
             return WAN22_PRESET
         return self.preset()
 
-    def method_defaults(self, method):
-        # The published radial mask knobs (Wan 2.1's); dense steps stay the user's (a fraction needs
-        # a pipeline to count steps, and a named method also runs on a bare transformer).
-        if method == "radial":
-            return {"decay_factor": WAN21_PRESET.decay_factor, "dense_layers": WAN21_PRESET.dense_layers}
-        return {}
+    def method_defaults(self, method, target=None):
+        # What was published for Wan 2.1 per method (a dense fraction becomes a count on a bare
+        # transformer: ``for_target``). The embedded pipeline is a small Wan trained here, not Wan 2.1:
+        # its methods keep their own defaults.
+        from . import embedded
+
+        if target is not None and any(embedded.is_embedded_transformer(t) for _, t in self.transformers(target)):
+            return {}
+        return dict(WAN21_METHOD_DEFAULTS.get(method, {}))

@@ -45,6 +45,7 @@ class WanDerivedAdapter(ModelAdapter):
     text_position = "none"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
     tokens_note = "video tokens only; classes with Wan's structure are accepted by structure"
 
     def matches(self, transformer):
@@ -59,7 +60,7 @@ class WanDerivedAdapter(ModelAdapter):
         return CallFacts(wan_grid(transformer, x), 0, x.shape[0], self.scalar_timestep(a.get("timestep")))
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()
 
 
 class HeliosAdapter(WanDerivedAdapter):

@@ -20,6 +20,7 @@ class ZImageAdapter(ModelAdapter):
     text_position = "suffix"
     attention_route = "dispatch"
     preset_source = conservative_source(50)
+    typical_steps = 50
     tokens_note = "image pad tokens and caption after the image; omni mode runs dense"
 
     def self_attention_modules(self, transformer):
@@ -36,4 +37,4 @@ class ZImageAdapter(ModelAdapter):
         return CallFacts((F // pf, H // p, W // p), None, len(x), t)
 
     def preset(self):
-        return conservative_preset(50)
+        return conservative_preset()
