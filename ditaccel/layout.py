@@ -7,7 +7,14 @@ text in whole blocks of its own: the text run is padded with empty slots up to a
 no block mixes text and video. Empty slots hold zeros; plans never let a query attend to them and
 their outputs are dropped on the way back.
 
-A layout is a value: built once per (grid, text, order, tile, block size) and cached.
+In tile order a grid that is not a multiple of the tile has smaller (ragged) tiles at its far edges.
+Packed (the default), the next tile starts right after a ragged one, so blocks straddle tiles; with
+``pad_tiles`` every tile starts on a block boundary and owns ``round_up(tile volume, block)`` slots,
+its real tokens first and empty slots after them, so tile-shaped plans are made of whole blocks.
+
+A layout is a value: built once per (grid, text, order, tile, block size, padding) and cached. The
+index tensors live on the CPU; ``to_slots`` / ``from_slots`` keep one copy per device they meet
+(``device_index``), so steady-state calls make no host-to-device copies.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +49,10 @@ class TokenLayout:
     kind: torch.Tensor  # [n_slots] VIDEO / TEXT / PAD
     coords: torch.Tensor  # [n_slots, 3] (t, h, w) of video slots, -1 elsewhere
     is_identity: bool  # slots == original sequence: no gather needed
+    pad_tiles: bool = False  # tile order with every tile padded to whole blocks (see the module doc)
+    # Device copies of the index tensors, per (name, device): filled on first use. Not an init field,
+    # so ``dataclasses.replace`` (per-head layouts) starts with an empty cache of its own.
+    _device_copies: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @property
     def num_video(self) -> int:
@@ -65,33 +76,59 @@ class TokenLayout:
         """True when every head has its own video permutation (``src`` is [H, n_slots])."""
         return self.src.dim() == 2
 
+    @property
+    def slot_valid(self) -> torch.Tensor:
+        """[n_slots] bool: slots that hold a token (False on empty slots), on the CPU."""
+        return self.kind != PAD
+
+    def device_index(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """``self.<name>`` (``src``, ``inverse``, ``kind``, ``coords``, ``slot_valid``) on ``device``,
+        copied once per device and kept: the copy of a CPU tensor to an accelerator is a blocking
+        host-to-device transfer, which a per-call path must not repeat."""
+        device = torch.device(device)
+        key = (name, device)
+        cached = self._device_copies.get(key)
+        if cached is None:
+            cached = self._device_copies[key] = getattr(self, name).to(device)
+        return cached
+
     def to_slots(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Original sequence order -> slot order along ``dim`` (empty slots get zeros).
 
-        Per-head layouts take ``x`` as [B, S, H, D] with ``dim=1``."""
+        One scatter of every token into its slot of a zero tensor (no concatenated zero row, no
+        gather through it). Per-head layouts take ``x`` as [B, S, H, D] with ``dim=1``."""
         if self.is_identity:
             return x
-        pad_shape = list(x.shape)
-        pad_shape[dim] = 1
-        padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+        dim = dim % x.dim()
+        inverse = self.device_index("inverse", x.device)
+        out_shape = list(x.shape)
+        out_shape[dim] = self.num_slots
+        out = x.new_zeros(out_shape)
         if self.per_head:
-            return _gather_per_head(padded, self.src.to(x.device), dim)
-        return padded.index_select(dim, self.src.to(x.device))
+            _check_per_head(x, inverse, dim)
+            B, _, H, D = x.shape
+            return out.scatter_(1, inverse.t()[None, :, :, None].expand(B, -1, H, D), x)
+        return out.index_copy_(dim, inverse, x)
 
     def from_slots(self, y: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Slot order -> original sequence order along ``dim`` (empty slots dropped)."""
         if self.is_identity:
             return y
+        inverse = self.device_index("inverse", y.device)
         if self.per_head:
-            return _gather_per_head(y, self.inverse.to(y.device), dim)
-        return y.index_select(dim, self.inverse.to(y.device))
+            return _gather_per_head(y, inverse, dim)
+        return y.index_select(dim, inverse)
+
+
+def _check_per_head(x: torch.Tensor, index: torch.Tensor, dim: int) -> None:
+    if dim != 1 or x.dim() != 4 or x.shape[2] != index.shape[0]:
+        raise ValueError(f"per-head layouts gather [B, S, H, D] along dim 1 with H == {index.shape[0]}; "
+                         f"got shape {tuple(x.shape)}, dim {dim}")
 
 
 def _gather_per_head(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """x [B, S, H, D] (dim 1), index [H, n] -> [B, n, H, D] with out[:, i, h] = x[:, index[h, i], h]."""
-    if dim != 1 or x.dim() != 4 or x.shape[2] != index.shape[0]:
-        raise ValueError(f"per-head layouts gather [B, S, H, D] along dim 1 with H == {index.shape[0]}; "
-                         f"got shape {tuple(x.shape)}, dim {dim}")
+    _check_per_head(x, index, dim)
     B, _, H, D = x.shape
     idx = index.t()[None, :, :, None].expand(B, -1, H, D)
     return x.gather(1, idx)
@@ -193,6 +230,26 @@ def per_head_layout(layout: "TokenLayout", video_orders: torch.Tensor) -> "Token
     return dataclasses.replace(layout, order="per_head", src=src, inverse=inverse, coords=coords, is_identity=False)
 
 
+def padded_video_slots(grid: tuple[int, int, int], tile: tuple[int, int, int], block_size: int) -> int:
+    """Slots of the video run when every tile is padded to ``round_up(tile volume, block_size)``."""
+    n_tiles = math.prod(math.ceil(g / t) for g, t in zip(grid, tile))
+    return n_tiles * _round_up(math.prod(tile), block_size)
+
+
+def padded_tile_positions(grid: tuple[int, int, int], tile: tuple[int, int, int], block_size: int,
+                          vid: torch.Tensor) -> torch.Tensor:
+    """Tile order with whole tiles: the slot, inside the video run, of each entry of
+    ``vid = video_order(grid, "tile", tile)``. Tile ``i`` owns slots ``[i * s, (i + 1) * s)`` with
+    ``s = round_up(tile volume, block_size)``; its tokens fill them from the start."""
+    _, H, W = grid
+    tt, th, tw = tile
+    n_th, n_tw = math.ceil(H / th), math.ceil(W / tw)
+    t, rem = vid // (H * W), vid % (H * W)
+    tile_id = ((t // tt) * n_th + (rem // W) // th) * n_tw + (rem % W) // tw  # non-decreasing along vid
+    first = torch.searchsorted(tile_id, tile_id, side="left")  # index of each tile's first entry
+    return tile_id * _round_up(tt * th * tw, block_size) + (torch.arange(vid.numel()) - first)
+
+
 @functools.lru_cache(maxsize=64)
 def build_layout(
     grid: tuple[int, int, int],
@@ -201,18 +258,23 @@ def build_layout(
     order: str = "raster",
     tile: tuple[int, int, int] = (1, 1, 1),
     block_size: int = 128,
+    pad_tiles: bool = False,
 ) -> TokenLayout:
-    """The slot layout of one self-attention call (cached: layouts are immutable values)."""
+    """The slot layout of one self-attention call (cached: layouts are immutable values).
+
+    ``pad_tiles`` (tile order only): every tile starts on a block boundary (see the module doc)."""
     if text_position not in TEXT_POSITIONS:
         raise ValueError(f"text_position must be one of {TEXT_POSITIONS}, got {text_position!r}")
     if text_position == "none" and text_len:
         raise ValueError(f"text_len must be 0 when text_position is 'none', got {text_len}")
     if any(g < 1 for g in grid):
         raise ValueError(f"grid sizes must be >= 1, got {grid}")
+    if pad_tiles and order != "tile":
+        raise ValueError(f"pad_tiles=True needs order='tile' (tiles to pad), got order={order!r}")
     T, H, W = grid
     n_video = T * H * W
     seq_len = n_video + text_len
-    empty = seq_len  # index of the zero row appended by to_slots
+    empty = seq_len  # src of an empty slot: one past the last token
 
     vid = video_order(grid, order, tile)
     t_c, rem = vid // (H * W), vid % (H * W)
@@ -227,13 +289,25 @@ def build_layout(
     def text(offset):
         return segment(torch.arange(offset, offset + text_len), TEXT, torch.full((text_len, 3), -1))
 
+    def video(offset):
+        if not pad_tiles:
+            return segment(vid + offset, VIDEO, vid_coords)
+        positions = padded_tile_positions(grid, tile, block_size, vid)
+        length = padded_video_slots(grid, tile, block_size)
+        src = torch.full((length,), empty)
+        kind = torch.full((length,), PAD, dtype=torch.int8)
+        coords = torch.full((length, 3), -1)
+        src[positions], kind[positions], coords[positions] = vid + offset, VIDEO, vid_coords
+        return [src], [kind], [coords]
+
+    video_slots = padded_video_slots(grid, tile, block_size) if pad_tiles else n_video
     pieces = []
     if text_position == "prefix" and text_len:
-        pieces += [text(0), pad(_round_up(text_len, block_size) - text_len), segment(vid + text_len, VIDEO, vid_coords)]
+        pieces += [text(0), pad(_round_up(text_len, block_size) - text_len), video(text_len)]
     elif text_position == "suffix" and text_len:
-        pieces += [segment(vid, VIDEO, vid_coords), pad(_round_up(n_video, block_size) - n_video), text(n_video)]
+        pieces += [video(0), pad(_round_up(video_slots, block_size) - video_slots), text(n_video)]
     else:
-        pieces += [segment(vid, VIDEO, vid_coords)]
+        pieces += [video(0)]
     src = torch.cat([s for p in pieces for s in p[0]])
     kind = torch.cat([s for p in pieces for s in p[1]])
     coords = torch.cat([s for p in pieces for s in p[2]])
@@ -245,4 +319,5 @@ def build_layout(
     return TokenLayout(
         grid=tuple(grid), text_len=text_len, text_position=text_position, order=order, tile=tuple(tile),
         block_size=block_size, src=src, inverse=inverse, kind=kind, coords=coords, is_identity=is_identity,
+        pad_tiles=pad_tiles,
     )

@@ -27,7 +27,24 @@ def random_case(rng: random.Random, order: str, text_position: str) -> dict:
     text_len = 0 if text_position == "none" else rng.randint(1, 40)
     tile = (rng.randint(1, 3), rng.randint(1, 5), rng.randint(1, 5))
     return dict(grid=grid, text_len=text_len, text_position=text_position, order=order, tile=tile,
-                block_size=rng.choice(BLOCK_SIZES))
+                block_size=rng.choice(BLOCK_SIZES), pad_tiles=order == "tile" and rng.random() < 0.5)
+
+
+def check_tiles_whole(layout, case) -> None:
+    """Padded tile order: tile i owns slots [i * s, (i + 1) * s) of the video run (s = its volume
+    rounded up to the block), real tokens first, so no block holds two tiles."""
+    grid, tile, bs = case["grid"], case["tile"], case["block_size"]
+    per_tile = -(-(tile[0] * tile[1] * tile[2]) // bs) * bs
+    n_th, n_tw = -(-grid[1] // tile[1]), -(-grid[2] // tile[2])
+    video = torch.nonzero(layout.kind == VIDEO).squeeze(1)
+    run_start = -(-case["text_len"] // bs) * bs if case["text_position"] == "prefix" else 0
+    t, h, w = layout.coords[video].unbind(-1)
+    tile_id = ((t // tile[0]) * n_th + h // tile[1]) * n_tw + w // tile[2]
+    offset = video - run_start - tile_id * per_tile
+    assert bool((offset >= 0).all()) and bool((offset < per_tile).all()), case
+    for i in torch.unique(tile_id).tolist():
+        mine = offset[tile_id == i]
+        assert sorted(mine.tolist()) == list(range(mine.numel())), case
 
 
 def token_ids(batch: int, seq_len: int, heads: int) -> torch.Tensor:
@@ -96,6 +113,8 @@ def test_layout_round_trip_on_random_grids(order, text_position):
         vid = src[video_slots] - offset
         check_order_promise(order, grid, case["tile"], vid, case)
         assert torch.equal(layout.coords[video_slots], raster_coords(vid, grid)), case
+        if case["pad_tiles"]:
+            check_tiles_whole(layout, case)
         assert bool((layout.coords[kind != VIDEO] == -1).all()), case
 
         # to_slots then from_slots is the identity; empty slots hold zeros.

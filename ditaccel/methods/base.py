@@ -6,25 +6,31 @@ state) and answers with ``None`` (run dense attention) or a ``SparsePlan``. Meth
 kinds (``AttentionMethod.kind``):
 
 - **static**: the pattern depends on the call's shape only. The method defines it
-  (``video_predicate``); its plan is built once per shape and cached, so a steady-state call does no
-  planning work at all.
+  (``video_predicate``, and ``box_rule`` -- the same pattern on boxes of tokens -- so the plan is
+  built in O(blocks^2) by ``ditaccel.block_geometry``); its plan is built once per shape and cached,
+  so a steady-state call does no planning work at all. In tile order on a grid the tiles do not
+  divide, the plan is built on both the packed and the tile-padded layout and the one with less
+  kernel work is kept (``SparsePlan.layout_choice`` / ``layout_note`` say which and why).
 - **dynamic**: the selection depends on the call's q and k (``plan_for``: scores, clusters, head
   profiles), possibly reused across steps through ``ctx.state``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 
 import torch
 
+from ..block_geometry import BoxRule, block_work, tiles_are_ragged
 from ..call import CallShape
 from ..config import AttentionConfig
-from ..layout import build_layout
-from ..plan import SparsePlan, VideoPredicate, build_plan
+from ..layout import build_layout, padded_video_slots
+from ..plan import SparsePlan, VideoPredicate, build_block_plan, build_plan
 
 _PLAN_CACHE_SIZE = 16
+_MAX_PADDING = 2  # padded layouts are tried only up to this many slots per video token
 
 
 def auto_tile(grid: tuple[int, int, int], block_size: int) -> tuple[int, int, int]:
@@ -132,11 +138,28 @@ class AttentionMethod:
 
     def build(self, shape: CallShape, device) -> SparsePlan:
         self.validate_grid(shape.grid)
-        layout = build_layout(
-            shape.grid, shape.text_len, shape.text_position, self.order(), self.tile_for(shape.grid),
-            self.config.block_size,
-        )
-        return build_plan(layout, self.video_predicate(shape.grid), device)
+        grid, order, bs = shape.grid, self.order(), self.config.block_size
+        tile = self.tile_for(grid)
+        predicate, rule = self.video_predicate(grid), self.box_rule(grid)
+
+        def plan_on(pad_tiles: bool) -> SparsePlan:
+            layout = build_layout(grid, shape.text_len, shape.text_position, order, tile, bs, pad_tiles)
+            if rule is None:  # a pattern without geometry: token-pair classification
+                return build_plan(layout, predicate, device)
+            return build_block_plan(layout, rule, predicate, device)
+
+        packed = plan_on(False)
+        if rule is None or order != "tile" or not tiles_are_ragged(grid, tile, bs):
+            return packed
+        if padded_video_slots(grid, tile, bs) > _MAX_PADDING * math.prod(grid):  # tiles far smaller than a block
+            return packed
+        padded = plan_on(True)
+        work_packed, work_padded = block_work(packed.any_blocks, bs), block_work(padded.any_blocks, bs)
+        note = (f"kernel work (computed block pairs x {bs}^2): padded tiles {work_padded:,} on "
+                f"{padded.layout.num_slots:,} slots, packed {work_packed:,} on {packed.layout.num_slots:,} slots")
+        if work_padded < work_packed:
+            return dataclasses.replace(padded, layout_choice="padded", layout_note=note)
+        return dataclasses.replace(packed, layout_choice="packed", layout_note=note)
 
     # --- what a static method defines -------------------------------------------------------
     def validate_grid(self, grid) -> None:
@@ -144,6 +167,10 @@ class AttentionMethod:
 
     def video_predicate(self, grid) -> VideoPredicate:
         raise NotImplementedError
+
+    def box_rule(self, grid) -> BoxRule | None:
+        """The same pattern on boxes of tokens (exact), or None: plans then classify token pairs."""
+        return None
 
 
 def num_tiles(grid, tile) -> tuple[int, int, int]:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..block_geometry import RadialRule
 from ..config import ORDERS, AttentionConfig, check_block_tile, knob
 from .base import AttentionMethod
 
@@ -94,10 +95,18 @@ class RadialMethod(AttentionMethod):
     def order(self) -> str:
         return self.config.order
 
+    def bands(self, grid) -> list[int]:
+        T, H, W = grid
+        cfg = self.config
+        return radial_bands(T, H * W, cfg.decay, cfg.decay_factor, cfg.band_floor)
+
+    def box_rule(self, grid) -> RadialRule:
+        return RadialRule(grid, self.bands(grid), self.config.sink_frames)
+
     def video_predicate(self, grid):
         T, H, W = grid
         cfg = self.config
-        bands = torch.tensor(radial_bands(T, H * W, cfg.decay, cfg.decay_factor, cfg.band_floor))
+        bands = torch.tensor(self.bands(grid))
         sink = cfg.sink_frames
 
         def allowed(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:

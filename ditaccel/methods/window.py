@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..block_geometry import SeparableRule
 from ..config import ORDERS, AttentionConfig, knob
 from .base import AttentionMethod, clamped_window_start
 
@@ -63,13 +64,14 @@ class WindowMethod(AttentionMethod):
                 ks[a], dil[a] = grid[a], 1
         return tuple(ks), tuple(dil)
 
-    def video_predicate(self, grid):
+    def box_rule(self, grid) -> SeparableRule:
+        """The window is a product over axes: one [g, g] table per axis of ``axis_window``."""
         ks, dil = self.effective_window(grid)
+        tables = []
+        for g, k, d in zip(grid, ks, dil):
+            pos = torch.arange(g)
+            tables.append(axis_window(pos[:, None], pos[None, :], g, k, d))
+        return SeparableRule(tables)
 
-        def allowed(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
-            ok = axis_window(qc[..., 0], kc[..., 0], grid[0], ks[0], dil[0])
-            for a in (1, 2):
-                ok = ok & axis_window(qc[..., a], kc[..., a], grid[a], ks[a], dil[a])
-            return ok
-
-        return allowed
+    def video_predicate(self, grid):
+        return self.box_rule(grid).predicate()
