@@ -18,7 +18,7 @@ from .caches import CrossStepCaches
 from .checks import check_against_pipeline
 from .compiled import SITE_ATTR, register_site
 from .config import AttentionConfig, with_overrides
-from .hooks import ATTENTION_HOOK, STEP_HOOK, AttentionHook, StepHook
+from .hooks import ATTENTION_HOOK, SITE_OBJECT_ATTR, STEP_HOOK, AttentionHook, StepHook, enter_site, leave_site
 from .intercept import ProcessorKind, backend_member, processor_kind
 from .methods import config_class, make_method
 from .pipelines import ModelAdapter, find_adapter
@@ -216,11 +216,17 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
             for name, layer, module, processor, kind in sites:
                 original = getattr(processor, "_attention_backend", None)
                 site = AttentionSite(runtime, layer, f"{attr}.{name}", original_backend=original)
-                handle._undo.append(_snapshot_module(module))
                 handle._undo.append(_restore_attr(module, SITE_ATTR))
                 setattr(module, SITE_ATTR, register_site(site))  # compiled.py: the site as a graph input
-                hook = AttentionHook(site, kind, member)
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, ATTENTION_HOOK)
+                if kind is ProcessorKind.DISPATCH:
+                    handle._undo.append(_restore_attr(module, SITE_OBJECT_ATTR))
+                    setattr(module, SITE_OBJECT_ATTR, site)
+                    handle._undo.append(module.register_forward_pre_hook(enter_site).remove)
+                    handle._undo.append(module.register_forward_hook(leave_site).remove)
+                else:
+                    handle._undo.append(_snapshot_module(module))
+                    hook = AttentionHook(site, kind, member)
+                    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, ATTENTION_HOOK)
                 if kind is ProcessorKind.DISPATCH:
                     handle._undo.append(_restore_attr(processor, "_attention_backend"))
                     processor._attention_backend = member

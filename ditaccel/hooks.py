@@ -4,9 +4,11 @@
   denoising step and CFG branch of every forward into the transformer's runtime. Stateful: its
   per-branch state lives in a ``StateManager`` that the pipeline's ``cache_context`` switches, and
   diffusers resets it at the end of every pipeline call (``maybe_free_model_hooks``).
-- ``AttentionHook`` (name ``ATTENTION_HOOK``) on each self-attention module: marks its site as
-  the one running, so the intercepted attention product knows its layer.
-Both are removed with ``remove_hook(name, recurse=True)``.
+- ``AttentionHook`` (name ``ATTENTION_HOOK``) on each self-attention module of the SDPA and
+  active-backend routes: marks its site as the one running and enters the interception around the
+  module's forward, so the intercepted attention product knows its layer.
+Both are removed with ``remove_hook(name, recurse=True)``. The dispatch route marks its site with
+two shared torch module hooks instead (``enter_site``/``leave_site``, below: compile-friendly).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class StepHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             self.runtime.end()
+            if current_site.get() is not None:  # an attention forward that raised left its site marked
+                current_site.set(None)
 
     def reset_state(self, module):
         self.state_manager.reset()
@@ -97,13 +101,6 @@ class AttentionHook(ModelHook):
         self.member = member  # our backend's AttentionBackendName member (DISPATCH_ACTIVE only)
 
     def new_forward(self, module, *args, **kwargs):
-        if torch.compiler.is_compiling() and self.kind is ProcessorKind.DISPATCH:
-            # Traced: no context variable; the backend reads the module's site index (compiled.py).
-            TRACING.site_index = getattr(module, SITE_ATTR)
-            try:
-                return self.fn_ref.original_forward(*args, **kwargs)
-            finally:
-                TRACING.site_index = None
         token = current_site.set(self.site)
         try:
             if self.kind is ProcessorKind.SDPA:
@@ -115,6 +112,35 @@ class AttentionHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             current_site.reset(token)
+
+
+# --- the dispatch route: the running site, marked by torch module hooks ---------------------------
+#
+# A diffusers hook replaces the module's ``forward`` with a per-module wrapper; dynamo guards on that
+# object's identity, so every block of ``compile_repeated_blocks`` would get a graph of its own. The
+# dispatch route needs no wrapper around the forward (our backend is set on the processor; it only has
+# to know which site is running), so it uses two *shared* module-level functions as forward pre/post
+# hooks: one graph serves every block. (``always_call`` is not used: dynamo guards on each hook's id
+# in that table. A forward that raises leaves no stale site: the step hook clears it.)
+
+SITE_OBJECT_ATTR = "_ditaccel_site"
+_TOKEN_ATTR = "_ditaccel_site_token"
+
+
+def enter_site(module, args) -> None:
+    if torch.compiler.is_compiling():
+        TRACING.site_index = getattr(module, SITE_ATTR)  # a graph input (compiled.py)
+        return
+    module.__dict__[_TOKEN_ATTR] = current_site.set(module.__dict__[SITE_OBJECT_ATTR])
+
+
+def leave_site(module, args, output) -> None:
+    if torch.compiler.is_compiling():
+        TRACING.site_index = None
+        return
+    token = module.__dict__.pop(_TOKEN_ATTR, None)
+    if token is not None:
+        current_site.reset(token)
 
 
 class _DefaultContext:
