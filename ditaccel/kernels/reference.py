@@ -127,8 +127,11 @@ def _masked_chunks(q, k, v, block_mask: BlockMask, compute_dtype, key_valid=None
         allowed = kv_ok[:, :, :, None, :]
         part = is_partial[:, :, c0:c1, :, None].expand(-1, -1, -1, -1, BK).flatten(-2)
         if bool(part.any()):
-            q_idx = torch.arange(c0 * BQ, c1 * BQ, device=device).view(1, 1, C, BQ, 1)
-            token_ok = torch.as_tensor(block_mask.mask_mod(b_idx, h_idx, q_idx, kv_idx[:, :, :, None, :]), device=device)
+            # Positions past the ends are clamped (they are masked anyway) so that lookup-table
+            # mask_mods never index out of range.
+            q_idx = torch.arange(c0 * BQ, c1 * BQ, device=device).clamp(max=Sq - 1).view(1, 1, C, BQ, 1)
+            kv_in = kv_idx.clamp(max=Skv - 1)[:, :, :, None, :]
+            token_ok = torch.as_tensor(block_mask.mask_mod(b_idx, h_idx, q_idx, kv_in), device=device)
             allowed = allowed & (token_ok | ~part[:, :, :, None, :])
         mask = None
         if not bool(allowed.all()):
