@@ -551,7 +551,8 @@ def test_bitmap_variant_only_when_partial_entries_need_one():
                                          BLOCK_SIZE=bs, mask_mod=lambda b, h, qi, ki: qi >= ki, seq_lengths=(S, S))
     t = kernel_tables(full_only, 1, 2, S, S, torch.device("cpu"), True)
     assert not t.has_bits
-    partial = BlockMask.from_kv_blocks(torch.full((1, 1, n), 2, dtype=torch.int32), idx, BLOCK_SIZE=(bs, 128),
+    idx128 = torch.arange(2, dtype=torch.int32).expand(1, 1, n, 2).contiguous()  # 2 key blocks of 128
+    partial = BlockMask.from_kv_blocks(torch.full((1, 1, n), 2, dtype=torch.int32), idx128, BLOCK_SIZE=(bs, 128),
                                        mask_mod=lambda b, h, qi, ki: (qi + ki) % 3 == 0, seq_lengths=(S, S))
     t = kernel_tables(partial, 1, 2, S, S, torch.device("cpu"), True)
     assert t.has_bits and t.bits.dtype == torch.int64 and t.bits.shape == (1, 1, 2 * n, bs, 2)

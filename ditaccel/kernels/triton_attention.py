@@ -174,7 +174,8 @@ def _block_sparse_attn_fwd(
             # masked keys keeps -inf, so shift by 0 instead (exp2(-inf - 0) = 0, never -inf - -inf).
             m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX) * qk_scale)
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score
+            # One explicit FMA per score (not left to the compiler's fp-fusion default).
+            p = tl.math.exp2(tl.math.fma(qk, qk_scale, -m_shift[:, None]))
             alpha = tl.math.exp2(m_i - m_shift)
             l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
 
