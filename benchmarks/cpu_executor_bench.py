@@ -11,11 +11,15 @@ q, k, v and plan, in one run, and prints the ratios to dense SDPA (< 1: faster t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 from ditaccel.kernels import block_sparse_attention_reference, grouped_block_sparse_attention
 from ditaccel.methods import RadialConfig, TileConfig, WindowConfig, make_method
