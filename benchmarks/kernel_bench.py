@@ -22,7 +22,12 @@ off-diagonal blocks into partial blocks with a token-level mask_mod (measures th
 cropped (whole frames) until the dense boolean mask fits (``--check-tokens``), and our kernel (and
 FlexAttention, unless ``--no-flex``) is compared with SDPA under the equivalent dense boolean mask.
 
+``--plans`` times the methods' *real* plans instead (tile, window, radial at their defaults, topk
+at each density; see ``kernel_bench_plans.py``): kernel alone, whole path (permutation + kernel +
+inverse), compiled flex on the same BlockMask, first-call seconds and host ms per call.
+
 Examples (fit in a 10-minute GPU run):
+    python benchmarks/kernel_bench.py --plans --shapes wan14b-720p,flux-1024 --json plans.json
     python benchmarks/kernel_bench.py --check
     python benchmarks/kernel_bench.py --shapes wan1.3b-480p,flux-1024 --densities 100,25,5 --json out.json
     python benchmarks/kernel_bench.py --shapes wan14b-720p --densities 10 --no-flex
@@ -45,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass(frozen=True)
@@ -350,6 +356,7 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--json", metavar="PATH", help="write rows and metadata as JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plans", action="store_true", help="time the methods' real plans (kernel_bench_plans.py)")
     p.add_argument("--check", action="store_true", help="bf16 correctness vs SDPA with the dense mask, cropped")
     p.add_argument("--check-tokens", type=int, default=8192, help="crop length for --check")
     p.add_argument("--check-heads", type=int, default=4, help="heads used by --check")
@@ -375,7 +382,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.check:
         return 0 if run_check(args) else 1
-    rows = run_bench(args)
+    if args.plans:
+        import triton.testing
+
+        from kernel_bench_plans import run_plans
+
+        bench = lambda f: triton.testing.do_bench(f, warmup=args.warmup, rep=args.rep, return_mode="median")  # noqa: E731
+        rows = run_plans([SHAPES[n] for n in args.shapes], args.densities, bench, use_flex=not args.no_flex)
+    else:
+        rows = run_bench(args)
     if args.json:
         import triton
 

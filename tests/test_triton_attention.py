@@ -48,15 +48,56 @@ def _triton_mode(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 
+def _case_extras(i, q, k):
+    """Every third case also drops random keys through ``key_valid`` (sometimes all of a batch's keys,
+    sometimes per head), every other case asks for the LSE: both paths get ~70-100 cases."""
+    B, H = q.shape[:2]
+    key_valid = None
+    if i % 3 == 0:
+        g = torch.Generator().manual_seed(i)
+        key_valid = torch.rand(B, H if i % 2 else 1, k.shape[2], generator=g) < 0.6
+        if i % 9 == 0:
+            key_valid[0] = False  # rows that see nothing because of key validity alone
+        key_valid = key_valid.to(q.device)
+    return key_valid, i % 2 == 0
+
+
+def float64_lse(q, k, allowed, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+    return torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1)
+
+
+def check_lse(lse, q, k, allowed, desc):
+    ref = float64_lse(q, k, allowed)
+    seen = torch.isfinite(ref)
+    assert lse.dtype == torch.float32 and lse.shape == ref.shape, desc
+    assert torch.equal(torch.isfinite(lse), seen), f"LSE finite where the reference is not (or vice versa): {desc}"
+    assert (lse[~seen] == float("-inf")).all(), f"rows with no key must have LSE -inf: {desc}"
+    tol = 2e-2 if q.dtype == torch.float16 else 1e-4
+    if seen.any():
+        err = (lse.double()[seen] - ref[seen]).abs().max()
+        assert err <= tol, f"LSE error {err:.2e} > {tol}: {desc}"
+
+
 @pytest.mark.parametrize("chunk", range(N_CHUNKS))
 def test_random_cases_match_dense_float64(chunk):
-    """>= 200 seeded random cases (N_CASES over N_CHUNKS tests); output poisoned with NaN first."""
+    """>= 200 seeded random cases (N_CASES over N_CHUNKS tests); output poisoned with NaN first; a
+    third also with key validity, half also returning the LSE (checked against a float64 LSE)."""
     per = N_CASES // N_CHUNKS
     for i in range(chunk * per, (chunk + 1) * per):
         q, k, v, block_mask, allowed, tiles, desc = random_case(1000 + i)
+        key_valid, want_lse = _case_extras(i, q, k)
+        if key_valid is not None:
+            allowed = allowed & key_valid.expand(q.shape[0], -1, -1)[:, :, None, :]
+            desc += f" key_valid={tuple(key_valid.shape)}"
         B, H, Sq, D = q.shape
         out = torch.full((B, H, Sq, D), float("nan"), dtype=q.dtype, device=q.device)
-        result = triton_block_sparse_attention(q, k, v, block_mask, out=out, **tiles)
+        result = triton_block_sparse_attention(q, k, v, block_mask, out=out, key_valid=key_valid,
+                                               return_lse=want_lse, **tiles)
+        if want_lse:
+            result, lse = result
+            check_lse(lse, q, k, allowed, desc)
         assert result is out
         check_output(out, dense_reference(q, k, v, allowed), allowed, q.dtype, desc)
 
@@ -64,9 +105,19 @@ def test_random_cases_match_dense_float64(chunk):
 def test_case_generator_covers_the_space():
     """The property test is only as good as its cases: check they span what the kernel must handle."""
     seen = {"ragged_q": 0, "even_kv": 0, "bshd": 0, "partial_empty_rows": 0, "sub_rows": 0, "sub_cols": 0,
-            "d96": 0, "nonsquare_bs": 0, "broadcast": 0, "per_head": 0, "fp16": 0, "fp32": 0}
+            "d96": 0, "nonsquare_bs": 0, "broadcast": 0, "per_head": 0, "fp16": 0, "fp32": 0,
+            "key_valid": 0, "key_valid_per_head": 0, "key_valid_empty_rows": 0, "lse": 0, "lse_fp32": 0,
+            "bits_128_sub_block": 0}
     for i in range(N_CASES):
         q, k, v, bm, allowed, tiles, desc = random_case(1000 + i, device="cpu")
+        key_valid, want_lse = _case_extras(i, q, k)
+        if key_valid is not None:
+            seen["key_valid"] += 1
+            seen["key_valid_per_head"] += key_valid.shape[1] > 1
+            seen["key_valid_empty_rows"] += bool((~(allowed & key_valid[:, :, None, :]).any(-1)).any())
+        seen["lse"] += want_lse
+        seen["lse_fp32"] += want_lse and q.dtype == torch.float32
+        seen["bits_128_sub_block"] += tiles["block_n"] == 128 and bm.mask_mod is not None
         BQ, BK = bm.BLOCK_SIZE
         seen["ragged_q"] += q.shape[2] % BQ != 0
         seen["even_kv"] += k.shape[2] % BK == 0
@@ -360,19 +411,26 @@ def test_gpu_autotuned_bf16_matches_dense(D, bs):
 
 @pytest.mark.parametrize("head_dim_pad", [64, 128])
 @pytest.mark.parametrize("bq, bk", [(64, 64), (64, 128), (128, 64), (128, 128)])
-def test_autotune_configs_are_pruned_to_tiles_dividing_the_blocks(head_dim_pad, bq, bk):
-    """The CUDA autotuner only tries tiles that divide the BlockMask's blocks (checked via its own
-    prune step, called the way Autotuner.run calls it: constexprs arrive as keyword arguments)."""
+def test_autotune_configs_are_pruned_to_the_device_set_and_tiles_dividing_the_blocks(head_dim_pad, bq, bk,
+                                                                                    monkeypatch):
+    """The CUDA autotuner only tries the running generation's configs whose tiles divide the BlockMask's
+    blocks (checked via its own prune step, called the way Autotuner.run calls it: constexprs arrive
+    as keyword arguments)."""
+    from ditaccel.kernels import triton_configs
     from ditaccel.kernels.triton_attention import _autotuned
 
     tuner = _autotuned(head_dim_pad)
     tuner.nargs = {}
-    configs = tuner.prune_configs(dict(HEAD_DIM=head_dim_pad, HEAD_DIM_PAD=head_dim_pad, BQ=bq, BK=bk, EVEN_KV=False,
-                                       HAS_BITS=True))
-    assert configs
-    for c in configs:
-        assert bq % c.kwargs["BLOCK_M"] == 0 and bk % c.kwargs["BLOCK_N"] == 0, c
-    assert set(tuner.keys) == {"HEAD_DIM", "BQ", "BK", "EVEN_KV", "HAS_BITS"}
+    for capability, table in (((9, 0), triton_configs.SM90_CONFIGS), ((8, 0), triton_configs.SM80_CONFIGS)):
+        monkeypatch.setattr(triton_configs, "_device_capability", lambda c=capability: c)
+        configs = tuner.prune_configs(dict(HEAD_DIM=head_dim_pad, HEAD_DIM_PAD=head_dim_pad, BQ=bq, BK=bk,
+                                           EVEN_KV=False, HAS_BITS=True, HAS_KEY_VALID=False, RETURN_LSE=False))
+        assert configs
+        for c in configs:
+            tiles = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            assert bq % tiles[0] == 0 and bk % tiles[1] == 0, c
+            assert tiles in table[head_dim_pad] or tiles == (64, 32, 4, 2), (capability, c)
+    assert set(tuner.keys) == {"HEAD_DIM", "BQ", "BK", "EVEN_KV", "HAS_BITS", "HAS_KEY_VALID", "RETURN_LSE"}
 
 
 @pytest.mark.gpu
@@ -422,25 +480,6 @@ def _compile_for_sm90(kernel, types: dict, constexprs: dict, num_warps=4, num_st
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-@pytest.mark.parametrize("dtype, D, bq, bk, tiles, even_kv, has_bits", [
-    ("fp16", 96, 128, 128, (128, 64, 8, 2), False, True),  # the launcher's CUDA default for fp16/bf16
-    ("bf16", 128, 64, 128, (64, 64, 8, 2), True, False),
-    # The launcher's CUDA default for fp32 ("ieee" dots compile to FMA loops: ~50 s cold).
-    pytest.param("fp32", 128, 128, 128, (64, 32, 4, 1), False, True, marks=pytest.mark.slow),
-])
-def test_attention_kernel_compiles_for_h100(dtype, D, bq, bk, tiles, even_kv, has_bits):
-    from ditaccel.kernels.triton_attention import _block_sparse_attn_fwd
-
-    bm, bn, warps, stages = tiles
-    types = {n: "*" + dtype for n in ("Q", "K", "V", "Out")}
-    types.update({n: "*i32" for n in ("Meta", "Order", "FullIdx", "PartIdx", "Bits")}, qk_scale="fp32")
-    consts = dict(HEAD_DIM=D, HEAD_DIM_PAD=128, BQ=bq, BK=bk, BLOCK_M=bm, BLOCK_N=bn, EVEN_KV=even_kv,
-                  HAS_BITS=has_bits,
-                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-    compiled = _compile_for_sm90(_block_sparse_attn_fwd, types, consts, warps, stages)
-    assert 0 < compiled.metadata.shared <= H100_SHARED_BYTES
-
-
 def test_scoring_kernels_compile_for_h100():
     from ditaccel.kernels import scoring_triton
 
@@ -461,12 +500,12 @@ def test_scoring_kernels_compile_for_h100():
 
 def test_noop_mask_block_masks_need_no_bitmap(monkeypatch):
     """Dynamic selections (mask_mod=None): partial lists run unmasked, no mask evaluation or host sync."""
-    from ditaccel.kernels import triton_attention
+    from ditaccel.kernels import triton_tables
 
     def fail(*a, **kw):
         raise AssertionError("a no-op mask_mod must not be materialised")
 
-    monkeypatch.setattr(triton_attention, "_partial_bitmaps", fail)
+    monkeypatch.setattr(triton_tables, "_partial_bitmaps", fail)
     torch.manual_seed(5)
     q, k, v = (torch.randn(1, 2, 150, 64, dtype=torch.float16, device=DEVICE) for _ in range(3))
     num = torch.tensor([[[1, 2, 1]]], dtype=torch.int32, device=DEVICE)
@@ -494,3 +533,127 @@ def test_longest_rows_are_launched_first():
         assert (work[h][order].diff() <= 0).all(), (order, work[h])
     plain = _kernel_tables(bm, 1, 2, 256, 256, torch.device("cpu"), longest_first=False)
     assert (plain.order == torch.arange(4, dtype=torch.int32)).all()
+
+
+# --- bitmaps, key validity, host path -------------------------------------------------------------
+
+
+def test_bitmap_variant_only_when_partial_entries_need_one():
+    """A mask_mod whose plan lists only full blocks compiles without bitmaps; partial entries get one
+    int64 word per query row and 64 keys, evaluated once per BlockMask."""
+    from ditaccel.kernels.triton_tables import kernel_tables
+
+    S, bs = 200, 64
+    n = -(-S // bs)
+    idx = torch.arange(n, dtype=torch.int32).expand(1, 1, n, n).contiguous()
+    zero = torch.zeros(1, 1, n, dtype=torch.int32)
+    full_only = BlockMask.from_kv_blocks(zero, idx, torch.full((1, 1, n), n, dtype=torch.int32), idx,
+                                         BLOCK_SIZE=bs, mask_mod=lambda b, h, qi, ki: qi >= ki, seq_lengths=(S, S))
+    t = kernel_tables(full_only, 1, 2, S, S, torch.device("cpu"), True)
+    assert not t.has_bits
+    idx128 = torch.arange(2, dtype=torch.int32).expand(1, 1, n, 2).contiguous()  # 2 key blocks of 128
+    partial = BlockMask.from_kv_blocks(torch.full((1, 1, n), 2, dtype=torch.int32), idx128, BLOCK_SIZE=(bs, 128),
+                                       mask_mod=lambda b, h, qi, ki: (qi + ki) % 3 == 0, seq_lengths=(S, S))
+    t = kernel_tables(partial, 1, 2, S, S, torch.device("cpu"), True)
+    assert t.has_bits and t.bits.dtype == torch.int64 and t.bits.shape == (1, 1, 2 * n, bs, 2)
+    # Entry 0 is query block 0 x key block idx[0, 0, 0, 0] = 0: bit j of word w is key w * 64 + j.
+    row, key = 5, 70
+    assert bool((t.bits[0, 0, 0, row, key // 64] >> (key % 64)) & 1) == ((row + key) % 3 == 0)
+
+
+def test_key_valid_removes_keys_from_full_and_partial_blocks():
+    torch.manual_seed(11)
+    B, H, S, D = 2, 2, 150, 64
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.float32, device=DEVICE) for _ in range(3))
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    bm = create_block_mask(lambda b, h, qi, ki: (qi - ki).abs() < 90, 1, 1, S, S, device=DEVICE, BLOCK_SIZE=64)
+    key_valid = torch.rand(B, S, device=DEVICE) < 0.5
+    key_valid[1] = False  # batch 1 sees nothing: zeros, LSE -inf
+    out, lse = triton_block_sparse_attention(q, k, v, bm, key_valid=key_valid, return_lse=True)
+    allowed = dense_token_mask(lambda b, h, qi, ki: (qi - ki).abs() < 90, B, H, S, S, DEVICE) & key_valid[:, None, None]
+    check_output(out, dense_reference(q, k, v, allowed), allowed, q.dtype, "key_valid")
+    assert (lse[1] == float("-inf")).all() and (out[1] == 0).all()
+    check_lse(lse, q, k, allowed, "key_valid")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda B, S: torch.ones(B, S), r"key_valid must be a bool tensor; got dtype torch.float32"),
+    (lambda B, S: torch.ones(B, S + 1, dtype=torch.bool), r"key_valid has shape \(1, 71\); allowed: \[B, Skv\]"),
+    (lambda B, S: torch.ones(B, 5, S, dtype=torch.bool), r"key_valid has shape \(1, 5, 70\)"),
+    (lambda B, S: [True] * S, r"key_valid must be a bool tensor of shape"),
+])
+def test_bad_key_valid_raises_naming_it(bad, match):
+    q, k, v = _small()
+    with pytest.raises(ValueError, match=match):
+        triton_block_sparse_attention(q, k, v, _mask(), key_valid=bad(1, 70))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.1, float("inf")])
+def test_non_positive_or_infinite_scale_raises(scale):
+    q, k, v = _small()
+    with pytest.raises(ValueError, match=r"scale=.* is not allowed: it must be a positive finite float"):
+        triton_block_sparse_attention(q, k, v, _mask(), scale)
+
+
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ops that make the host wait for the device (or copy host data to it)."""
+
+    SYNCS = ("_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero", "_to_copy", "copy_")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNCS:
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_second_call_of_a_mask_makes_no_sync_class_op(monkeypatch):
+    """After the first call of a BlockMask (which builds its tables, bitmap and all), a call is table
+    lookups and a launch: no .item(), no nonzero, no copies (the launch is stubbed out: the
+    interpreter itself converts tensors to numpy)."""
+    from ditaccel.kernels import triton_attention
+
+    launches = []
+
+    class _Stub:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append(kw)
+
+    monkeypatch.setattr(triton_attention, "launchable", lambda kernel, interpret: _Stub())
+    q, k, v = (torch.randn(1, 2, 200, 64, dtype=torch.float16, device=DEVICE) for _ in range(3))
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    bm = create_block_mask(lambda b, h, qi, ki: (qi - ki).abs() < 70, 1, 1, 200, 200, device=DEVICE, BLOCK_SIZE=64)
+    key_valid = torch.rand(1, 200, device=DEVICE) < 0.8
+    triton_block_sparse_attention(q, k, v, bm, key_valid=key_valid, return_lse=True)  # builds the tables
+    counter = _SyncCounter()
+    with counter:
+        triton_block_sparse_attention(q, k, v, bm, key_valid=key_valid, return_lse=True)
+    # The per-call int8 view of key_valid is one on-device cast, not a host copy.
+    assert [op for op in counter.ops if not op.startswith("_to_copy")] == [], counter.ops
+    assert len(launches) == 2 and launches[1]["HAS_BITS"] and launches[1]["HAS_KEY_VALID"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp32_warns_once_and_runs_tf32(monkeypatch):
+    from ditaccel.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "_fp32_warned", False)
+    q, k, v = (torch.randn(1, 2, 300, 128, device="cuda") for _ in range(3))
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    bm = create_block_mask(lambda b, h, qi, ki: (qi - ki).abs() < 100, 1, 1, 300, 300, device="cuda", BLOCK_SIZE=128)
+    with pytest.warns(UserWarning, match=r"tf32"):
+        out = triton_block_sparse_attention(q, k, v, bm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        triton_block_sparse_attention(q, k, v, bm)
+    allowed = dense_token_mask(lambda b, h, qi, ki: (qi - ki).abs() < 100, 1, 2, 300, 300, "cuda")
+    err = (out.double() - dense_reference(q, k, v, allowed)).norm() / dense_reference(q, k, v, allowed).norm()
+    assert err < 5e-3

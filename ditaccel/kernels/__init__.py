@@ -9,7 +9,10 @@
 - ``"flex"``: PyTorch FlexAttention on the very same BlockMask (compiled on CUDA; eager elsewhere,
   with the block lists folded into ``mask_mod`` because eager FlexAttention ignores them: ``flex.py``);
 - ``"reference"``: the chunked torch reference (the twin the others are checked against).
-All take q, k, v as [B, H, S, D] (any strides) and return [B, H, S, D].
+All take q, k, v as [B, H, S, D] (any strides) and return [B, H, S, D], with the same keywords:
+``key_valid`` ([B, Skv] or [B, H|1, Skv] bool: keys where it is False are never attended) and
+``return_lse`` (also return the natural-log LSE [B, H, Sq] float32, -inf for rows that see no key).
+``merge_by_lse`` combines outputs computed over disjoint key sets (KV chunks) into one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .flex import flex_block_sparse_attention
 from .grouped import grouped_block_sparse_attention
+from .merge import merge_by_lse
 from .reference import block_sparse_attention_reference
 
 
@@ -31,9 +35,10 @@ def _has_triton() -> bool:
     return True
 
 
-def block_sparse_attention(q, k, v, block_mask: BlockMask, scale=None):
+def block_sparse_attention(q, k, v, block_mask: BlockMask, scale=None, *, key_valid=None, return_lse=False):
     """Triton on CUDA (or under TRITON_INTERPRET=1), else the torch reference with a one-time warning."""
-    return _triton_or_reference(q, k, v, block_mask)[1](q, k, v, block_mask, scale)
+    return _triton_or_reference(q, k, v, block_mask)[1](q, k, v, block_mask, scale, key_valid=key_valid,
+                                                        return_lse=return_lse)
 
 
 def _triton_or_reference(q, k, v, block_mask: BlockMask) -> tuple[str, Callable]:
@@ -46,7 +51,7 @@ def _triton_or_reference(q, k, v, block_mask: BlockMask) -> tuple[str, Callable]
 
 def select_executor(backend: str, q, k, v, block_mask: BlockMask) -> tuple[str, Callable]:
     """(name, fn) of the executor that really runs this call under ``backend``; ``fn(q, k, v,
-    block_mask, scale)``. Every executor runs the plan's block lists exactly; one that cannot take
+    block_mask, scale, *, key_valid=None, return_lse=False)``. Every executor runs the plan's block lists exactly; one that cannot take
     the call refuses it: ``backend="triton"`` raises naming the reason, ``"auto"`` on CUDA falls
     back to the reference with a one-time warning naming it (and the name says "reference")."""
     if backend == "reference":
@@ -64,8 +69,9 @@ def select_executor(backend: str, q, k, v, block_mask: BlockMask) -> tuple[str, 
     return _triton_or_reference(q, k, v, block_mask)
 
 
-def run_plan(backend: str, q, k, v, block_mask: BlockMask, scale=None):
-    return select_executor(backend, q, k, v, block_mask)[1](q, k, v, block_mask, scale)
+def run_plan(backend: str, q, k, v, block_mask: BlockMask, scale=None, *, key_valid=None, return_lse=False):
+    return select_executor(backend, q, k, v, block_mask)[1](q, k, v, block_mask, scale, key_valid=key_valid,
+                                                            return_lse=return_lse)
 
 
 def _interpreting() -> bool:
@@ -76,5 +82,5 @@ def _interpreting() -> bool:
 
 __all__ = [
     "block_sparse_attention", "block_sparse_attention_reference", "flex_block_sparse_attention",
-    "grouped_block_sparse_attention", "run_plan", "select_executor",
+    "grouped_block_sparse_attention", "merge_by_lse", "run_plan", "select_executor",
 ]

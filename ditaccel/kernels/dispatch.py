@@ -65,15 +65,15 @@ def block_sparse_attention(
     v: torch.Tensor,
     block_mask: BlockMask,
     scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of q, k, v ([B, H, S, D], any strides) restricted to ``block_mask``; [B, H, Sq, D]."""
-    reason = _triton_reason(q, k, v, block_mask)
-    if reason is None:
-        from .triton_attention import triton_block_sparse_attention
-
-        return triton_block_sparse_attention(q, k, v, block_mask, scale)
-    _warn_once(reason)
-    return block_sparse_attention_reference(q, k, v, block_mask, scale)
+    *,
+    key_valid: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Attention of q, k, v ([B, H, S, D], any strides) restricted to ``block_mask`` and ``key_valid``
+    ([B, Skv] or [B, H|1, Skv] bool, optional); [B, H, Sq, D], or ``(out, lse)`` with ``return_lse``.
+    Every executor takes these same arguments with the same meaning."""
+    name, fn = chosen_executor(q, k, v, block_mask)
+    return fn(q, k, v, block_mask, scale, key_valid=key_valid, return_lse=return_lse)
 
 
 __all__ = ["block_sparse_attention", "chosen_executor"]

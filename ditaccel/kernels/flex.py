@@ -17,9 +17,9 @@ import warnings
 import weakref
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention, noop_mask
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention, noop_mask
 
-from .reference import block_sizes
+from .reference import block_sizes, normalize_key_valid
 
 _NONE, _PARTIAL, _FULL = 0, 1, 2
 
@@ -80,14 +80,37 @@ def exact_block_mask(block_mask: BlockMask) -> BlockMask:
     return exact
 
 
-def flex_block_sparse_attention(q, k, v, block_mask: BlockMask, scale=None):
+def _key_valid_score_mod(valid: torch.Tensor):
+    """A score_mod that sends the scores of keys ``valid`` rejects to -inf: applied on every block, full
+    or partial (a mask_mod would be skipped on full blocks by the compiled kernel)."""
+    per_b, per_h = valid.shape[0] > 1, valid.shape[1] > 1
+
+    def key_valid_score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(valid[b if per_b else 0, h if per_h else 0, kv_idx], score, float("-inf"))
+
+    return key_valid_score_mod
+
+
+def flex_block_sparse_attention(q, k, v, block_mask: BlockMask, scale=None, *, key_valid=None, return_lse=False):
     """FlexAttention on ``block_mask``: compiled on CUDA; elsewhere eager (it materialises the scores)
-    on :func:`exact_block_mask`, so the block lists are honoured there too."""
+    on :func:`exact_block_mask`, so the block lists are honoured there too. ``key_valid`` ([B, Skv] or
+    [B, H|1, Skv] bool) enters as a score_mod; ``return_lse`` returns ``(out, lse)`` with
+    FlexAttention's natural-log LSE (-inf for rows that see no key, whose output is zero)."""
+    B, H, _, _ = q.shape
+    valid = normalize_key_valid(key_valid, B, H, k.shape[2], q.device)
+    score_mod = None if valid is None else _key_valid_score_mod(valid)
+    aux = AuxRequest(lse=True) if return_lse else None
     if q.is_cuda:
-        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return flex_attention(q, k, v, block_mask=exact_block_mask(block_mask), scale=scale)
+        result = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=aux)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            result = flex_attention(q, k, v, score_mod=score_mod, block_mask=exact_block_mask(block_mask),
+                                    scale=scale, return_aux=aux)
+    if return_lse:
+        out, aux_out = result
+        return out, aux_out.lse
+    return result
 
 
 __all__ = ["block_table", "exact_block_mask", "flex_block_sparse_attention"]

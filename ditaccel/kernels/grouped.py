@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from .reference import _check_rank, _compute_dtype, block_sizes, mask_mod_varies
+from .reference import _check_rank, _compute_dtype, block_sizes, mask_mod_varies, normalize_key_valid
 
 # Bytes of gathered keys and values (or of token mask) one SDPA call may hold.
 _GATHER_BUDGET_BYTES = 128 * 2**20
@@ -187,9 +187,40 @@ def _pad_to(x: torch.Tensor, blocks: int, size: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, extra)) if extra else x
 
 
+def _attend(q, k, v, mask, scale: float, return_lse: bool):
+    """(out, lse or None) of one SDPA-shaped call; ``mask`` additive (0 / -inf) or None. With
+    ``return_lse`` the softmax is explicit (SDPA does not return its LSE), in chunks of queries so
+    the score matrix stays under the budget."""
+    if not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
+    rows = max(1, _GATHER_BUDGET_BYTES // max(1, q.shape[0] * q.shape[1] * k.shape[2] * q.element_size()))
+    outs, lses = [], []
+    for r0 in range(0, q.shape[2], rows):
+        logits = (q[:, :, r0 : r0 + rows] @ k.transpose(-1, -2)) * scale
+        if mask is not None:
+            logits = logits + (mask if mask.shape[2] == 1 else mask[:, :, r0 : r0 + rows])
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        outs.append(torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0)) @ v)
+        lses.append(lse[..., 0])
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _key_bias(valid, B: int, H: int, Skv: int, nk: int, BK: int, dtype) -> torch.Tensor:
+    """[B * H * nk, BK] additive bias of a call's per-key validity: 0 where valid, -inf elsewhere
+    (keys past the end, in the padded last block, count as invalid: they are cut off anyway)."""
+    padded = F.pad(valid.expand(B, H, Skv), (0, nk * BK - Skv))
+    return torch.zeros(padded.shape, dtype=dtype, device=valid.device).masked_fill_(~padded, float("-inf")).view(-1, BK)
+
+
 def grouped_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
-                                   scale: float | None = None) -> torch.Tensor:
-    """Attention of ``q, k, v`` ([B, H, S, D]) restricted to ``block_mask``; returns [B, H, Sq, Dv]."""
+                                   scale: float | None = None, *, key_valid: torch.Tensor | None = None,
+                                   return_lse: bool = False):
+    """Attention of ``q, k, v`` ([B, H, S, D]) restricted to ``block_mask`` and ``key_valid`` ([B, Skv]
+    or [B, H|1, Skv] bool, optional); returns [B, H, Sq, Dv], or ``(out, lse)`` with ``return_lse``
+    (natural-log LSE [B, H, Sq] float32, -inf for rows that see no key).
+
+    The groups are cached per BlockMask; ``key_valid`` changes per call, so it enters each group's
+    SDPA as an additive per-key bias gathered with the group's key blocks (no regrouping)."""
     _check_rank(q, k, v)
     B, H, Sq, D = q.shape
     Skv, Dv = k.shape[2], v.shape[-1]
@@ -197,6 +228,7 @@ def grouped_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     nq, nk = -(-Sq // BQ), -(-Skv // BK)
     scale = D**-0.5 if scale is None else float(scale)
     dtype = _compute_dtype(q)
+    valid = normalize_key_valid(key_valid, B, H, Skv, q.device)
     plan = _groups(block_mask, B, H, Sq, Skv, q.device, dtype)
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     # Block-flat views: one row per (batch, head, block), grouped as [G, rows, block].
@@ -204,19 +236,28 @@ def grouped_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     qf = _pad_to(qc, nq, BQ).contiguous().view(G, -1, BQ * D)
     kf = _pad_to(kc, nk, BK).contiguous().view(G, -1, BK * D)
     vf = _pad_to(vc, nk, BK).contiguous().view(G, -1, BK * Dv)
+    key_bias = None if valid is None else _key_bias(valid, B, H, Skv, nk, BK, dtype).view(G, -1, BK)
     out = torch.zeros(G, qf.shape[1], BQ * Dv, dtype=dtype, device=q.device)
+    lse = torch.full((G, qf.shape[1], BQ), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
 
     for g in plan.groups:
         if g.kv_rows is None:
             # Every key block, no mask: the rows attend to k as it is (a dense plan is one SDPA).
             n = len(g.rows)
             qs = qf.index_select(1, g.rows).view(B, H, n * BQ, D)
-            o = F.scaled_dot_product_attention(qs, kc, vc, scale=scale)
+            mask = None if key_bias is None else key_bias.reshape(B, H, 1, nk * BK)[..., :Skv]
+            o, l_ = _attend(qs, kc, vc, mask, scale, return_lse)
+            if valid is not None:  # rows of a (b, h) with no valid key at all: zeros, not NaN
+                o = torch.where(valid.any(-1)[..., None, None], o, 0.0)
             out.index_copy_(1, g.rows, o.reshape(G, n, BQ * Dv))
+            if return_lse:
+                lse.index_copy_(1, g.rows, l_.reshape(G, n, BQ).float())
             continue
         # Lists per SDPA call: the gathered keys and values stay under the budget.
         m, c = g.per_list, g.count
         step = max(1, _GATHER_BUDGET_BYTES // (G * c * BK * (D + Dv) * qc.element_size()))
+        if key_bias is not None or return_lse:  # a per-call mask [G, lists, m * BQ, keys] is made too
+            step = max(1, min(step, _GATHER_BUDGET_BYTES // (G * m * BQ * g.keys * qc.element_size())))
         for s in range(0, len(g.kv_rows) // c, step):
             n_lists = min(step, len(g.kv_rows) // c - s)
             rows = g.rows[s * m : (s + n_lists) * m]
@@ -229,12 +270,22 @@ def grouped_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
             mask = None
             if g.mask is not None:
                 mask = g.mask[s * m : (s + n_lists) * m].view(1, n_lists, m * BQ, g.keys)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-            if g.row_any is not None:
+            row_any = None if g.row_any is None else g.row_any[s * m : (s + n_lists) * m].view(1, n_lists, m * BQ, 1)
+            if key_bias is not None:
+                kb = key_bias.index_select(1, kv_rows).view(G, n_lists, 1, c * BK)[..., : g.keys]
+                mask = kb if mask is None else mask + kb
+                row_any = torch.isfinite(mask).any(-1, keepdim=True)
+            o, l_ = _attend(qs, ks, vs, mask, scale, return_lse)
+            if row_any is not None:
                 # Rows with nothing allowed: SDPA gives NaN there, FlexAttention gives zeros.
-                o = torch.where(g.row_any[s * m : (s + n_lists) * m].view(1, n_lists, m * BQ, 1), o, 0.0)
+                o = torch.where(row_any, o, 0.0)
             out.index_copy_(1, rows, o.reshape(G, n_lists * m, BQ * Dv))
-    return out.view(B, H, nq * BQ, Dv)[:, :, :Sq].to(q.dtype)
+            if return_lse:
+                lse.index_copy_(1, rows, l_.reshape(G, n_lists * m, BQ).float())
+    result = out.view(B, H, nq * BQ, Dv)[:, :, :Sq].to(q.dtype)
+    if return_lse:
+        return result, lse.view(B, H, nq * BQ)[:, :, :Sq]
+    return result
 
 
 __all__ = ["grouped_block_sparse_attention"]

@@ -8,7 +8,11 @@ and only the key blocks each chunk needs are gathered.
 Semantics (those of ``flex_attention``):
 - ``full_kv_*`` blocks are attended without evaluating ``mask_mod``;
 - ``kv_*`` (partial) blocks apply ``mask_mod(b, h, q_idx, kv_idx)`` token by token;
-- a query row with no allowed key returns zeros, never NaN.
+- ``key_valid`` (optional, [B, Skv] or [B, H|1, Skv] bool, in the same key order as k) removes keys
+  from every block, full or partial;
+- a query row with no allowed key returns zeros, never NaN; ``return_lse=True`` also returns the
+  natural-log LSE of the scaled scores per (b, h, q) ([B, H, Sq] float32, -inf for such rows), as
+  ``flex_attention(..., return_lse=True)`` does.
 
 ``mask_mod`` is evaluated on broadcast index tensors, so it must be written with tensor ops that
 broadcast (every mask ditaccel builds is; so are the usual causal / sliding-window / lookup-table
@@ -43,7 +47,26 @@ def mask_mod_varies(mask_mod, B: int, H: int, device) -> tuple[bool, bool]:
     return shape[0] > 1, shape[1] > 1
 
 
-def _masked_chunks(q, k, v, block_mask: BlockMask, compute_dtype):
+def normalize_key_valid(key_valid, B: int, H: int, Skv: int, device) -> torch.Tensor | None:
+    """``key_valid`` as a [B|1, H|1, Skv] bool tensor on ``device`` (None stays None); ValueError naming
+    the shape or dtype otherwise. Shared by every executor, so all accept the same forms."""
+    if key_valid is None:
+        return None
+    if not isinstance(key_valid, torch.Tensor):
+        raise ValueError(f"key_valid must be a bool tensor of shape [B, Skv] or [B, H|1, Skv]; got "
+                         f"{type(key_valid).__name__}")
+    if key_valid.dtype != torch.bool:
+        raise ValueError(f"key_valid must be a bool tensor; got dtype {key_valid.dtype}")
+    kv = key_valid[:, None, :] if key_valid.dim() == 2 else key_valid
+    if kv.dim() != 3 or kv.shape[0] not in (1, B) or kv.shape[1] not in (1, H) or kv.shape[2] != Skv:
+        raise ValueError(
+            f"key_valid has shape {tuple(key_valid.shape)}; allowed: [B, Skv] or [B, H|1, Skv] with B={B} "
+            f"(or 1), H={H}, Skv={Skv}"
+        )
+    return kv.to(device)
+
+
+def _masked_chunks(q, k, v, block_mask: BlockMask, compute_dtype, key_valid=None):
     """Yield ``(start, rows, qc, kc, vc, allowed)`` per chunk of query blocks: queries [B, H*C, BQ, D],
     the keys/values each query block gathers [B, H*C, M*BK, D], and the token mask (None: all allowed)."""
     B, H, Sq, D = q.shape
@@ -90,6 +113,10 @@ def _masked_chunks(q, k, v, block_mask: BlockMask, compute_dtype):
         # Key positions each query block gathers: its listed blocks, token by token.
         kv_idx = (kv_blocks[:, :, c0:c1, :, None] * BK + tok).flatten(-2)  # [Bm, Hm, C, M*BK]
         kv_ok = (kv_idx < Skv) & valid[:, :, c0:c1, :, None].expand(-1, -1, -1, -1, BK).flatten(-2)
+        if key_valid is not None:  # per-key validity, looked up at each gathered key position
+            bc, hc = max(kv_ok.shape[0], key_valid.shape[0]), max(kv_ok.shape[1], key_valid.shape[1])
+            at = kv_idx.clamp(max=Skv - 1).expand(bc, hc, -1, -1)
+            kv_ok = kv_ok & key_valid.expand(bc, hc, Skv).gather(-1, at.flatten(2)).view(at.shape)
         flat = kv_idx.clamp(max=Skv - 1).flatten(2).expand(B, H, -1)
         kc = kf.gather(2, flat[..., None].expand(-1, -1, -1, k.shape[-1])).view(B, H, C, M * BK, -1)
         vc = vf.gather(2, flat[..., None].expand(-1, -1, -1, v.shape[-1])).view(B, H, C, M * BK, -1)
@@ -100,8 +127,11 @@ def _masked_chunks(q, k, v, block_mask: BlockMask, compute_dtype):
         allowed = kv_ok[:, :, :, None, :]
         part = is_partial[:, :, c0:c1, :, None].expand(-1, -1, -1, -1, BK).flatten(-2)
         if bool(part.any()):
-            q_idx = torch.arange(c0 * BQ, c1 * BQ, device=device).view(1, 1, C, BQ, 1)
-            token_ok = torch.as_tensor(block_mask.mask_mod(b_idx, h_idx, q_idx, kv_idx[:, :, :, None, :]), device=device)
+            # Positions past the ends are clamped (they are masked anyway) so that lookup-table
+            # mask_mods never index out of range.
+            q_idx = torch.arange(c0 * BQ, c1 * BQ, device=device).clamp(max=Sq - 1).view(1, 1, C, BQ, 1)
+            kv_in = kv_idx.clamp(max=Skv - 1)[:, :, :, None, :]
+            token_ok = torch.as_tensor(block_mask.mask_mod(b_idx, h_idx, q_idx, kv_in), device=device)
             allowed = allowed & (token_ok | ~part[:, :, :, None, :])
         mask = None
         if not bool(allowed.all()):
@@ -126,30 +156,45 @@ def block_sparse_attention_reference(
     v: torch.Tensor,
     block_mask: BlockMask,
     scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of ``q, k, v`` ([B, H, S, D]) restricted to ``block_mask``; returns [B, H, Sq, Dv]."""
+    *,
+    key_valid: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Attention of ``q, k, v`` ([B, H, S, D]) restricted to ``block_mask`` (and ``key_valid``); returns
+    [B, H, Sq, Dv], or ``(out, lse)`` with ``return_lse=True``."""
     _check_rank(q, k, v)
     B, H, Sq, D = q.shape
     scale = D**-0.5 if scale is None else float(scale)
+    valid = normalize_key_valid(key_valid, B, H, k.shape[2], q.device)
     out = q.new_zeros(B, H, Sq, v.shape[-1])
-    for start, rows, qc, kc, vc, mask in _masked_chunks(q, k, v, block_mask, _compute_dtype(q)):
-        o = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
+    for start, rows, qc, kc, vc, mask in _masked_chunks(q, k, v, block_mask, _compute_dtype(q), valid):
+        if return_lse:  # explicit softmax: SDPA does not return its LSE
+            logits = (qc @ kc.transpose(-1, -2)) * scale
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            row_lse = torch.logsumexp(logits, -1, keepdim=True)
+            o = torch.exp(logits - torch.where(torch.isfinite(row_lse), row_lse, 0.0)) @ vc
+            lse[:, :, start : start + rows] = row_lse[..., 0].reshape(B, H, -1)[:, :, :rows].float()
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
         if mask is not None:
             # Rows with nothing allowed: SDPA gives NaN there, FlexAttention gives zeros.
             o = torch.where(mask.any(-1, keepdim=True), o, 0.0)
         out[:, :, start : start + rows] = o.reshape(B, H, -1, o.shape[-1])[:, :, :rows].to(q.dtype)
-    return out
+    return (out, lse) if return_lse else out
 
 
 def block_sparse_lse_reference(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask,
-                               scale: float | None = None) -> torch.Tensor:
+                               scale: float | None = None, *, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Log-sum-exp of the scaled scores over the keys ``block_mask`` allows: [B, H, Sq] float32
     (-inf for rows that see nothing). With the dense LSE it gives the attention mass a plan keeps."""
     _check_rank(q, k, k)
     B, H, Sq, D = q.shape
     scale = D**-0.5 if scale is None else float(scale)
+    valid = normalize_key_valid(key_valid, B, H, k.shape[2], q.device)
     lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
-    for start, rows, qc, kc, _, mask in _masked_chunks(q, k, k[..., :1], block_mask, _compute_dtype(q)):
+    for start, rows, qc, kc, _, mask in _masked_chunks(q, k, k[..., :1], block_mask, _compute_dtype(q), valid):
         logits = (qc @ kc.transpose(-1, -2)) * scale
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
