@@ -20,7 +20,6 @@ import torch
 from .caches import CrossStepCaches
 from .call import CallShape
 from .kernels import select_executor
-from .kernels.reference import block_sparse_lse_reference
 from .masks import MaskReading, read_mask
 from .methods import AttentionMethod
 from .state import CallContext, StateStore
@@ -174,7 +173,7 @@ class TransformerRuntime:
         self.error_steps: frozenset[int] = frozenset()  # steps at which errors against dense are measured
         self.current: ForwardInfo | None = None
         self._mask_cache: dict = {}
-        self.padded_masks: dict = {}  # per forward: see PlanExecutor.padded_masks
+        self.slot_validity: dict = {}  # per forward: see PlanExecutor.slot_validity
         self._last_step = -1
 
     def begin(self, call: ForwardInfo) -> None:
@@ -185,7 +184,7 @@ class TransformerRuntime:
         self._last_step = call.step
         self.current = self._with_schedule(call)
         self._mask_cache = {}
-        self.padded_masks = {}
+        self.slot_validity = {}
 
     def _with_schedule(self, call: ForwardInfo) -> ForwardInfo:
         """``call`` with the pipeline call's step count and its resolved dense-step count."""
@@ -204,7 +203,7 @@ class TransformerRuntime:
     def end(self) -> None:
         self.current = None
         self._mask_cache = {}
-        self.padded_masks = {}
+        self.slot_validity = {}
 
     def read_mask(self, attn_mask: torch.Tensor, batch: int, heads: int, seq_len: int) -> MaskReading:
         """What ``attn_mask`` does to this forward's calls (``masks.read_mask``).
@@ -312,7 +311,7 @@ class AttentionSite:
                 self._warn_once(reading.fallback)
                 return dense(), "dense", 1.0
         executor = PlanExecutor(q, k, v, reading.key_valid, scale, rt.method.config.backend, rt.stats.count_backend,
-                                row_live=reading.row_live, padded_masks=rt.padded_masks)
+                                row_live=reading.row_live, slot_validity=rt.slot_validity)
         return rt.caches.run(call, q, k, executor, dense)
 
 
@@ -326,14 +325,16 @@ def _reorder_mask(mask: torch.Tensor, order: torch.Tensor, seq_len: int) -> torc
 
 
 class PlanExecutor:
-    """Runs plans on one call's q, k, v ([B, S, H, D], model order): slots in, kernel, slots out."""
+    """Runs plans on one call's q, k, v ([B, S, H, D], model order): slots in, kernel, slots out.
 
-    def __init__(self, q, k, v, key_valid, scale, backend: str, on_run=None, row_live=None, padded_masks=None):
+    A plan's BlockMask is fixed (``SparsePlan.pattern_block_mask``: partial blocks only where the
+    pattern cuts one); what is valid per key -- the plan's empty slots and the call's key padding --
+    goes to the executor as ``key_valid`` (``SparsePlan.call_key_valid``), so a padded call builds no
+    BlockMask and the executors' per-BlockMask caches hit on every call.
+    """
+
+    def __init__(self, q, k, v, key_valid, scale, backend: str, on_run=None, row_live=None, slot_validity=None):
         self.q, self.k, self.v = q, k, v
-        # (plan, key_valid) -> key-padded BlockMask, kept by the runtime for one forward: every layer of
-        # a forward sees the same mask tensor, so the BlockMask (and what the executors derive from it and
-        # cache per BlockMask) is built once per forward, not once per layer.
-        self.padded_masks = {} if padded_masks is None else padded_masks
         self.key_valid = key_valid  # [B, Hm, S] bool (Hm 1 or H; a [B, S] one is read as [B, 1, S]) or None
         if key_valid is not None and key_valid.dim() == 2:
             self.key_valid = key_valid[:, None, :]
@@ -341,45 +342,49 @@ class PlanExecutor:
         self.scale = scale
         self.backend = backend
         self.on_run = on_run  # fn(name of the executor that really ran), once per kernel call
+        # (plan, key padding) -> slot-order key validity, kept by the runtime for one forward: every
+        # layer of a forward sees the same padding tensor.
+        self.slot_validity = {} if slot_validity is None else slot_validity
 
-    def block_mask(self, plan):
-        if self.key_valid is None:
-            return plan.block_mask
+    @staticmethod
+    def block_mask(plan):
+        return plan.pattern_block_mask if plan.pattern_full_blocks is not None else plan.block_mask
+
+    def slot_key_valid(self, plan) -> torch.Tensor:
+        """[B|1, Hm, n_slots] bool: the keys this call may attend to, in the plan's slot order."""
         key = (id(plan), id(self.key_valid))
-        cached = self.padded_masks.get(key)
+        cached = self.slot_validity.get(key)
         if cached is not None and cached[0] is plan and cached[1] is self.key_valid:
             return cached[2]
-        block_mask = self._padded_block_mask(plan)
-        self.padded_masks[key] = (plan, self.key_valid, block_mask)  # held: the ids stay unique
-        return block_mask
+        valid = plan.call_key_valid(self.key_valid)
+        self.slot_validity[key] = (plan, self.key_valid, valid)  # held: the ids stay unique
+        return valid
 
-    def _padded_block_mask(self, plan):
-        layout = plan.layout
-        kv = self.key_valid
-        if layout.per_head:  # every head has its own slot order
-            kv = kv.expand(-1, self.q.shape[2], -1)
-        slots = layout.to_slots(kv.transpose(1, 2)[..., None].to(torch.uint8), dim=1)[..., 0].bool()  # [B, n, Hm]
-        return plan.with_key_padding(slots.transpose(1, 2))
-
-    def run(self, plan) -> torch.Tensor:
+    def _execute(self, plan, return_lse: bool):
         layout = plan.layout
         qs, ks, vs = (layout.to_slots(x, dim=1).transpose(1, 2) for x in (self.q, self.k, self.v))
         block_mask = self.block_mask(plan)
         name, execute = select_executor(self.backend, qs, ks, vs, block_mask)
-        out = execute(qs, ks, vs, block_mask, self.scale)
+        result = execute(qs, ks, vs, block_mask, self.scale, key_valid=self.slot_key_valid(plan), return_lse=return_lse)
         if self.on_run is not None:
             self.on_run(name)
-        out = layout.from_slots(out.transpose(1, 2), dim=1)
+        return result
+
+    def run(self, plan) -> torch.Tensor:
+        return self.plan_output(self._execute(plan, False), plan)
+
+    def plan_output(self, out_slots: torch.Tensor, plan) -> torch.Tensor:
+        """An executor's [B, H, n_slots, D] output -> [B, S, H, D] in model order."""
+        out = plan.layout.from_slots(out_slots.transpose(1, 2), dim=1)
         if self.row_live is not None:  # rows whose every key is masked: zeros, as SDPA gives them
             out = torch.where(self.row_live.transpose(1, 2)[..., None], out, 0.0)
         return out
 
     def kept_mass(self, plan) -> torch.Tensor:
-        """Fraction of each query's softmax mass on the keys ``plan`` keeps: [B, S, H, 1] float32."""
-        layout = plan.layout
-        qs, ks = (layout.to_slots(x, dim=1).transpose(1, 2) for x in (self.q, self.k))
-        lse_kept = block_sparse_lse_reference(qs, ks, self.block_mask(plan), self.scale)  # [B, H, n]
-        lse_kept = layout.from_slots(lse_kept.transpose(1, 2)[..., None], dim=1)  # [B, S, H, 1]
+        """Fraction of each query's softmax mass on the keys ``plan`` keeps: [B, S, H, 1] float32,
+        from the executor's own log-sum-exp over the kept blocks (``return_lse``)."""
+        _, lse_kept = self._execute(plan, True)  # [B, H, n_slots]
+        lse_kept = plan.layout.from_slots(lse_kept.transpose(1, 2)[..., None], dim=1)  # [B, S, H, 1]
         lse_dense = self._dense_lse()
         # Rows that see no key at all (masked out) keep no mass: 0, not exp(-inf + inf).
         rho = torch.where(torch.isfinite(lse_dense), torch.exp(lse_kept - lse_dense), 0.0)
