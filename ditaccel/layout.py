@@ -55,6 +55,14 @@ class TokenLayout:
     _device_copies: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @property
+    def video_slots(self) -> torch.Tensor:
+        """The slots holding video tokens, ascending (host); ``device_index("video_slots", d)`` on a device."""
+        key = ("video_slots", None)
+        if key not in self._device_copies:
+            self._device_copies[key] = torch.nonzero(self.kind == VIDEO).squeeze(1)
+        return self._device_copies[key]
+
+    @property
     def num_video(self) -> int:
         T, H, W = self.grid
         return T * H * W
@@ -214,9 +222,10 @@ def per_head_layout(layout: "TokenLayout", video_orders: torch.Tensor) -> "Token
         raise ValueError(f"video_orders must be [H, {n_video}], got {tuple(video_orders.shape)}")
     src1 = layout.src if layout.src.dim() == 1 else layout.src[0]
     H = video_orders.shape[0]
-    video_slots = torch.nonzero(layout.kind == VIDEO).squeeze(1).to(video_orders.device)
+    video_slots = layout.device_index("video_slots", video_orders.device)
     offset = layout.text_len if layout.text_position == "prefix" else 0
-    src = src1.to(video_orders.device).repeat(H, 1)
+    src = (layout.device_index("src", video_orders.device) if layout.src.dim() == 1
+           else src1.to(video_orders.device)).repeat(H, 1)
     src[:, video_slots] = video_orders.long() + offset
     T, H_, W = layout.grid
     coords = torch.full((H, layout.num_slots, 3), -1, dtype=torch.long, device=video_orders.device)

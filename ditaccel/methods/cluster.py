@@ -54,7 +54,7 @@ import torch
 
 from ..config import AttentionConfig, knob
 from ..kernels.scoring import select_blocks
-from ..layout import VIDEO, TokenLayout, build_layout, per_head_layout
+from ..layout import TokenLayout, build_layout, per_head_layout
 from ..plan import SparsePlan, plan_from_blocks
 from .base import AttentionMethod
 from .dynamic import keep_from_lists
@@ -209,7 +209,7 @@ def _block_histogram(layout: TokenLayout, video_orders: torch.Tensor, labels: to
                      clusters: int) -> torch.Tensor:
     """Per head, the video tokens of each block of ``layout`` counted by cluster: [H, n_blocks, K]."""
     H = labels.shape[0]
-    video_slots = torch.nonzero(layout.kind == VIDEO).squeeze(1).to(labels.device)
+    video_slots = layout.device_index("video_slots", labels.device)
     block = (video_slots // layout.block_size)[None, :]
     slot_labels = labels.gather(1, video_orders)  # label of the token in each video slot
     hist = torch.zeros(H, layout.num_blocks * clusters, dtype=torch.float32, device=labels.device)
