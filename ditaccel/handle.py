@@ -3,19 +3,18 @@
 Everything that can fail is checked before anything is changed (model family, config, which
 modules are self-attention and how their processors compute attention), so a failed call leaves
 the pipeline untouched; if applying still fails part-way, what was applied is undone before the
-error propagates. ``handle.remove()`` restores each module's ``forward``, hook registry and
-processor backend to exactly what they were.
+error propagates. ``handle.remove()`` takes out exactly ditaccel's hooks and processor backends,
+whatever was registered before or after them (``composition.py``), or refuses, changing nothing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-from diffusers.hooks import HookRegistry
 
 from .caches import CrossStepCaches
 from .checks import check_against_pipeline
+from .composition import install, uninstall_all
 from .config import AttentionConfig, with_overrides
 from .hooks import ATTENTION_HOOK, STEP_HOOK, AttentionHook, StepHook
 from .intercept import ProcessorKind, backend_member, processor_kind
@@ -54,6 +53,7 @@ class AccelerationHandle:
         self.stats_recorder.store = self.store
         self.runtimes: list[TransformerRuntime] = []
         self._undo: list = []
+        self._hooks: list = []  # (where, composition.InstalledHook), in install order
         self._removed = False
 
     @property
@@ -94,7 +94,17 @@ class AccelerationHandle:
             rt.error_steps = steps
 
     def remove(self) -> None:
-        """Put the pipeline back exactly as it was (idempotent)."""
+        """Take ditaccel out (idempotent): exactly its hooks and processor backends, leaving every hook
+        registered before or after it working.
+
+        Raises:
+            composition.CompositionError: a wrapper installed after ditaccel calls its hook in a way
+                that cannot be re-pointed; the message names it. Nothing is changed then.
+        """
+        uninstall_all(self._hooks)  # raises before changing anything
+        self._hooks.clear()
+        for rt in self.runtimes:
+            rt.detached = True  # a wrapper that still holds our hook's forward (hidden from us) passes through
         while self._undo:
             self._undo.pop()()
         self._removed = True
@@ -108,27 +118,6 @@ class AccelerationHandle:
     def __repr__(self):
         state = "removed" if self._removed else "active"
         return f"AccelerationHandle({self.adapter.family}, {self.config!r}, {state})"
-
-
-def _snapshot_module(module: torch.nn.Module):
-    """Undo for what registering a diffusers hook changes on a module: ``forward`` and the registry."""
-    had_forward = "forward" in module.__dict__
-    old_forward = module.__dict__.get("forward")
-    had_registry = hasattr(module, "_diffusers_hook")
-
-    def undo():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            for name in (STEP_HOOK, ATTENTION_HOOK):
-                registry.remove_hook(name, recurse=False)
-            if not had_registry and not registry.hooks:
-                del module._diffusers_hook
-        if had_forward:
-            module.forward = old_forward
-        elif "forward" in module.__dict__:
-            del module.forward
-
-    return undo
 
 
 def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, **overrides) -> AccelerationHandle:
@@ -201,16 +190,13 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
             for name, layer, module, processor, kind in sites:
                 original = getattr(processor, "_attention_backend", None)
                 site = AttentionSite(runtime, layer, f"{attr}.{name}", original_backend=original)
-                handle._undo.append(_snapshot_module(module))
                 hook = AttentionHook(site, kind, member)
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, ATTENTION_HOOK)
+                handle._hooks.append((f"{attr}.{name}", install(module, hook, ATTENTION_HOOK)))
                 if kind is ProcessorKind.DISPATCH:
                     handle._undo.append(_restore_attr(processor, "_attention_backend"))
                     processor._attention_backend = member
-            handle._undo.append(_snapshot_module(transformer))
-            root = HookRegistry.check_if_exists_or_initialize(transformer)
-            root.register_hook(StepHook(runtime, adapter), STEP_HOOK)
-            root.invalidate_child_registries_cache()
+            handle._hooks.append((attr, install(transformer, StepHook(runtime, adapter), STEP_HOOK)))
+            transformer._diffusers_hook.invalidate_child_registries_cache()
     except BaseException:
         handle.remove()
         raise

@@ -53,6 +53,8 @@ class StepHook(ModelHook):
         return context.name, self.state_manager.get_state(), context.step_index
 
     def new_forward(self, module, *args, **kwargs):
+        if self.runtime.detached:  # removed, but a wrapper we could not see still calls us
+            return self.fn_ref.original_forward(*args, **kwargs)
         facts = self.adapter.call_facts(module, args, kwargs)
         branch, state, step_index = self._branch_state()
         shape = (facts.grid, facts.text_len, facts.batch)
@@ -89,6 +91,8 @@ class AttentionHook(ModelHook):
         self.member = member  # our backend's AttentionBackendName member (DISPATCH_ACTIVE only)
 
     def new_forward(self, module, *args, **kwargs):
+        if self.site.runtime.detached:
+            return self.fn_ref.original_forward(*args, **kwargs)
         token = current_site.set(self.site)
         try:
             if self.kind is ProcessorKind.SDPA:

@@ -170,6 +170,7 @@ class TransformerRuntime:
         self.current: CallInfo | None = None
         self._mask_cache: dict = {}
         self._last_step = -1
+        self.detached = False  # ditaccel (compose): set by handle.remove(); hooks pass through after
 
     def begin(self, call: CallInfo) -> None:
         # A step below the last one seen starts a new pipeline call: cross-step state is stale. (The
