@@ -78,6 +78,11 @@ class InstalledHook:
             return None
         return registry._fn_refs[registry._hook_order.index(self.name)]
 
+    def reachable(self) -> bool:
+        """Does the module's forward still lead to our hook? ``False`` after a wrapper beneath ours was
+        removed by restoring the forward from before it (accelerate's ``remove_hook_from_module``)."""
+        return self.fn_ref() is not None and _wraps(getattr(self.module, "forward", None), self.wrapper)
+
     def plan_removal(self, where: str):
         """-> a function that unlinks the hook (None: already gone). Raises ``CompositionError`` when a
         foreign wrapper calls ours in a way that cannot be re-pointed; nothing is changed then."""
@@ -156,5 +161,9 @@ def _wraps(fn, target, depth: int = 64) -> bool:
 
 
 def _describe(fn) -> str:
+    """Where a wrapper was defined (its code, not the names ``update_wrapper`` copied from what it wraps)."""
     func = getattr(fn, "func", fn)  # a functools.partial
-    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', type(fn).__name__)}"
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return type(fn).__qualname__
+    return f"{code.co_qualname} ({code.co_filename}:{code.co_firstlineno})"

@@ -65,8 +65,13 @@ class AccelerationHandle:
         clock elsewhere); errors against dense attention at tracked steps; event counters; the
         memory the cross-step caches hold."""
         notes = sorted(set().union(*(rt.method.notes for rt in self.runtimes)))
+        unreachable = [where for where, hook in self._hooks if not hook.reachable()]
+        if unreachable:
+            notes.append(f"ditaccel's hooks on {', '.join(unreachable)} are no longer called: a wrapper beneath them "
+                         "was removed by restoring the forward from before it (e.g. accelerate's "
+                         "remove_hook_from_module); accelerate again after remove() to run sparse there")
         return {"method": self.config.method, "family": self.adapter.family, "config": self.config.to_dict(),
-                **self.stats_recorder.summary(), "notes": notes}
+                **self.stats_recorder.summary(), "notes": notes, "unreachable_hooks": unreachable}
 
     def reset_stats(self) -> None:
         self.stats_recorder.clear()
