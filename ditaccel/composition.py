@@ -167,3 +167,28 @@ def _describe(fn) -> str:
     if code is None:
         return type(fn).__qualname__
     return f"{code.co_qualname} ({code.co_filename}:{code.co_firstlineno})"
+
+
+def check_entry(pipe) -> None:
+    """Refuse, before anything changes, what ``accelerate`` cannot act on, saying what to do instead:
+    a ``torch.compile`` result (an ``OptimizedModule`` wrapping the transformer) and a transformer
+    with diffusers' context parallelism enabled."""
+    components = getattr(pipe, "components", None)
+    candidates = [("the model", pipe)] + (list(components.items()) if isinstance(components, dict) else [])
+    for name, obj in candidates:
+        if isinstance(obj, torch._dynamo.eval_frame.OptimizedModule):
+            where = "the model passed" if obj is pipe else f"{type(pipe).__name__}.{name}"
+            raise ValueError(
+                f"{where} is a torch.compile result (OptimizedModule of a {type(obj._orig_mod).__name__}); ditaccel "
+                "hooks the transformer's own modules, which a compiled wrapper hides. Accelerate the uncompiled "
+                "transformer, then compile in place: ditaccel.accelerate(pipe) followed by "
+                "pipe.transformer.compile() or pipe.transformer.compile_repeated_blocks() (or put "
+                f"{name}._orig_mod back on the pipeline before accelerate)")
+        config = getattr(obj, "_parallel_config", None)
+        cp = getattr(config, "context_parallel_config", None)
+        if cp is not None:
+            raise ValueError(
+                f"{type(pipe).__name__ if obj is not pipe else type(obj).__name__}.{name} has diffusers' context "
+                f"parallelism enabled (ulysses_degree={cp.ulysses_degree}, ring_degree={cp.ring_degree}); ditaccel's "
+                "attention does not support context parallelism (neither Ulysses nor ring) yet, and would otherwise "
+                "run nothing: accelerate a pipeline without enable_parallelism")

@@ -14,7 +14,7 @@ from typing import Any
 
 from .caches import CrossStepCaches
 from .checks import check_against_pipeline
-from .composition import install, uninstall_all
+from .composition import check_entry, install, uninstall_all
 from .config import AttentionConfig, with_overrides
 from .hooks import ATTENTION_HOOK, STEP_HOOK, AttentionHook, StepHook
 from .intercept import ProcessorKind, backend_member, processor_kind
@@ -125,7 +125,8 @@ class AccelerationHandle:
         return f"AccelerationHandle({self.adapter.family}, {self.config!r}, {state})"
 
 
-def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, **overrides) -> AccelerationHandle:
+def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, strict: bool = False,
+               **overrides) -> AccelerationHandle:
     """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
 
     Args:
@@ -136,6 +137,10 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
             instance such as ``ditaccel.TileConfig(window=(3, 3, 3))``.
         model: a ``ditaccel.ModelSpec`` describing a transformer no adapter knows (which modules are
             its self-attention, the token grid, the text span); it replaces the adapter lookup.
+        strict: True turns every fallback to the model's own attention (an unsupported mask, an
+            unexpected sequence, ...) and every self-attention call that bypasses ditaccel (a processor
+            or backend swapped after ``accelerate``) into a ``ditaccel.StrictModeError``, for benchmarks
+            that must prove they ran sparse. Dense steps and layers the config asks for are no fallback.
         **overrides: that config's fields, e.g. ``window=(3, 3, 3), dense_steps=2``.
 
     Returns:
@@ -153,6 +158,9 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
         >>> video = pipe(prompt, num_inference_steps=20).frames[0]  # doctest: +SKIP
         >>> handle.stats()["mean_density"], handle.remove()  # doctest: +SKIP
     """
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict must be True or False, got {strict!r}")
+    check_entry(pipe)
     adapter = find_adapter(pipe, model)
     config = resolve_config(adapter, method, overrides, pipe)
     transformers = adapter.transformers(pipe)
@@ -191,14 +199,15 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
         for attr, transformer, sites in work:
             runtime = TransformerRuntime(attr, method_impl, handle.stats_recorder, handle.store, caches,
                                          clock=PipelineClock(pipe))
+            runtime.strict = strict
             handle.runtimes.append(runtime)
             for name, layer, module, processor, kind in sites:
                 original = getattr(processor, "_attention_backend", None)
                 site = AttentionSite(runtime, layer, f"{attr}.{name}", original_backend=original)
-                hook = AttentionHook(site, kind, member)
+                hook = AttentionHook(site, kind, member, processor)
                 handle._hooks.append((f"{attr}.{name}", install(module, hook, ATTENTION_HOOK)))
                 if kind is ProcessorKind.DISPATCH:
-                    handle._undo.append(_restore_attr(processor, "_attention_backend"))
+                    handle._undo.append(_restore_attr(processor, "_attention_backend", member))
                     processor._attention_backend = member
             handle._hooks.append((attr, install(transformer, StepHook(runtime, adapter), STEP_HOOK)))
             transformer._diffusers_hook.invalidate_child_registries_cache()
@@ -216,11 +225,15 @@ def _invalidate_registry_caches(transformers) -> None:
             registry.invalidate_child_registries_cache()
 
 
-def _restore_attr(obj, name: str):
+def _restore_attr(obj, name: str, ours=_MISSING):
+    """Undo for setting ``obj.name``; when ``ours`` is given, only while it still holds ``ours`` (a value
+    the user set since, e.g. ``set_attention_backend``, is theirs to keep)."""
     had = name in vars(obj)
     old = vars(obj).get(name, _MISSING)
 
     def undo():
+        if ours is not _MISSING and vars(obj).get(name, _MISSING) is not ours:
+            return
         if had:
             setattr(obj, name, old)
         elif name in vars(obj):

@@ -11,10 +11,12 @@ Both are removed with ``remove_hook(name, recurse=True)``.
 
 from __future__ import annotations
 
+import warnings
+
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
-from .intercept import ProcessorKind, SDPAIntercept, active_backend, current_site
-from .runtime import AttentionSite, CallInfo, TransformerRuntime
+from .intercept import ProcessorKind, SDPAIntercept, active_backend, bypass_reason, current_site
+from .runtime import AttentionSite, CallInfo, StrictModeError, TransformerRuntime
 
 STEP_HOOK = "ditaccel_step"
 ATTENTION_HOOK = "ditaccel_attention"
@@ -73,9 +75,20 @@ class StepHook(ModelHook):
             dense_reason=facts.dense_reason,
         ))
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            out = self.fn_ref.original_forward(*args, **kwargs)
         finally:
+            reached = self.runtime.reached
             self.runtime.end()
+        if not reached:  # no self-attention call reached ditaccel in this forward: say so, once
+            stats = self.runtime.stats
+            stats.forwards_without_attention += 1
+            if stats.forwards_without_attention == 1:
+                message = (f"ditaccel: a forward of {self.runtime.name} ran with no self-attention call reaching "
+                           "ditaccel (a cache skipped every attention module, or they bypass ditaccel; see "
+                           "stats()['paths'])")
+                stats.note("forward without attention", message)
+                warnings.warn(message, stacklevel=2)
+        return out
 
     def reset_state(self, module):
         self.state_manager.reset()
@@ -84,26 +97,47 @@ class StepHook(ModelHook):
 
 
 class AttentionHook(ModelHook):
-    def __init__(self, site: AttentionSite, kind: ProcessorKind, member=None):
+    def __init__(self, site: AttentionSite, kind: ProcessorKind, member=None, processor=None):
         super().__init__()
         self.site = site
         self.kind = kind
-        self.member = member  # our backend's AttentionBackendName member (DISPATCH_ACTIVE only)
+        self.member = member  # our backend's AttentionBackendName member (set on DISPATCH processors)
+        self.processor = processor  # the processor seen at accelerate (swap detection)
 
     def new_forward(self, module, *args, **kwargs):
         if self.site.runtime.detached:
             return self.fn_ref.original_forward(*args, **kwargs)
         token = current_site.set(self.site)
+        reached = self.site.reached
         try:
             if self.kind is ProcessorKind.SDPA:
                 with SDPAIntercept(self.site):
-                    return self.fn_ref.original_forward(*args, **kwargs)
-            if self.kind is ProcessorKind.DISPATCH_ACTIVE:
+                    out = self.fn_ref.original_forward(*args, **kwargs)
+            elif self.kind is ProcessorKind.DISPATCH_ACTIVE:
                 with active_backend(self.site, self.member):
-                    return self.fn_ref.original_forward(*args, **kwargs)
-            return self.fn_ref.original_forward(*args, **kwargs)
+                    out = self.fn_ref.original_forward(*args, **kwargs)
+            else:
+                out = self.fn_ref.original_forward(*args, **kwargs)
         finally:
             current_site.reset(token)
+        if self.site.reached == reached:
+            self._no_attention_reached(module)
+        return out
+
+    def _no_attention_reached(self, module) -> None:
+        stats = self.site.runtime.stats
+        reason = bypass_reason(module, self.processor, self.kind, self.member)
+        if reason is None:
+            stats.skipped += 1  # a hook beneath ours (a cache) answered without attention
+            return
+        stats.record_bypass(reason)
+        message = f"ditaccel: {self.site.name}: {reason}"
+        if self.site.runtime.strict:
+            raise StrictModeError(f"ditaccel (strict=True): {self.site.name}: {reason}")
+        if reason not in self.site._warned:
+            self.site._warned.add(reason)
+            stats.note(reason, message)
+            warnings.warn(message, stacklevel=2)
 
 
 class _DefaultContext:
