@@ -124,7 +124,12 @@ def install(module: torch.nn.Module, hook, name: str) -> InstalledHook:
     """Register ``hook`` under ``name`` in ``module``'s registry with a pinned function reference."""
     created = not hasattr(module, "_diffusers_hook")
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    registry.register_hook(hook, name)
+    try:
+        registry.register_hook(hook, name)
+    except BaseException:
+        if created and not registry.hooks:
+            del module._diffusers_hook
+        raise
     fn_ref = registry._fn_refs[-1]
     if fn_ref.original_forward is not None:  # a new_forward hook: pin it
         pinned = fn_ref.__dict__.pop("forward")
