@@ -26,6 +26,8 @@ import torch
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import HookFunctionReference
 
+from .parallel import context_parallel, unsupported
+
 
 class CompositionError(RuntimeError):
     """``remove()`` cannot take ditaccel out without changing a wrapper someone else installed."""
@@ -177,7 +179,7 @@ def _describe(fn) -> str:
 def check_entry(pipe) -> None:
     """Refuse, before anything changes, what ``accelerate`` cannot act on, saying what to do instead:
     a ``torch.compile`` result (an ``OptimizedModule`` wrapping the transformer) and a transformer
-    with diffusers' context parallelism enabled."""
+    with a kind of diffusers' context parallelism that ditaccel does not run under (``parallel.py``)."""
     components = getattr(pipe, "components", None)
     candidates = [("the model", pipe)] + (list(components.items()) if isinstance(components, dict) else [])
     for name, obj in candidates:
@@ -189,11 +191,7 @@ def check_entry(pipe) -> None:
                 "transformer, then compile in place: ditaccel.accelerate(pipe) followed by "
                 "pipe.transformer.compile() or pipe.transformer.compile_repeated_blocks() (or put "
                 f"{name}._orig_mod back on the pipeline before accelerate)")
-        config = getattr(obj, "_parallel_config", None)
-        cp = getattr(config, "context_parallel_config", None)
-        if cp is not None:
-            raise ValueError(
-                f"{type(pipe).__name__ if obj is not pipe else type(obj).__name__}.{name} has diffusers' context "
-                f"parallelism enabled (ulysses_degree={cp.ulysses_degree}, ring_degree={cp.ring_degree}); ditaccel's "
-                "attention does not support context parallelism (neither Ulysses nor ring) yet, and would otherwise "
-                "run nothing: accelerate a pipeline without enable_parallelism")
+        reason = unsupported(context_parallel(obj), None)
+        if reason is not None:
+            where = type(obj).__name__ if obj is pipe else f"{type(pipe).__name__}.{name}"
+            raise ValueError(f"{where} has diffusers' context parallelism enabled: {reason}")

@@ -19,6 +19,7 @@ from .config import AttentionConfig, with_overrides
 from .hooks import ATTENTION_HOOK, STEP_HOOK, AttentionHook, StepHook
 from .intercept import ProcessorKind, backend_member, processor_kind
 from .methods import config_class, make_method
+from .parallel import context_parallel, unsupported
 from .pipelines import ModelAdapter, find_adapter
 from .runtime import AttentionSite, Stats, TransformerRuntime
 from .schedule import PipelineClock
@@ -164,6 +165,10 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
     adapter = find_adapter(pipe, model)
     config = resolve_config(adapter, method, overrides, pipe)
     transformers = adapter.transformers(pipe)
+    for attr, transformer in transformers:
+        reason = unsupported(context_parallel(transformer), adapter.text_position)
+        if reason is not None:
+            raise ValueError(f"{type(pipe).__name__}.{attr} has diffusers' context parallelism enabled: {reason}")
     if not transformers:
         raise ValueError(f"{type(pipe).__name__} has no transformer to accelerate (looked for {adapter.pipeline_attrs})")
     for attr, transformer in transformers:

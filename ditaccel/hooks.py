@@ -15,6 +15,7 @@ import warnings
 
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
+from .parallel import context_parallel, unsupported
 from .intercept import ProcessorKind, SDPAIntercept, active_backend, bypass_reason, current_site
 from .runtime import AttentionSite, CallInfo, StrictModeError, TransformerRuntime
 
@@ -57,6 +58,9 @@ class StepHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         if self.runtime.detached:  # removed, but a wrapper we could not see still calls us
             return self.fn_ref.original_forward(*args, **kwargs)
+        reason = unsupported(context_parallel(module), self.adapter.text_position)
+        if reason is not None:  # enable_parallelism after accelerate: refuse before anything runs
+            raise ValueError(f"ditaccel: {self.runtime.name}: {reason}; remove() ditaccel or disable parallelism")
         facts = self.adapter.call_facts(module, args, kwargs)
         branch, state, step_index = self._branch_state()
         shape = (facts.grid, facts.text_len, facts.batch)

@@ -40,6 +40,13 @@ def _ditaccel_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
                       enable_gqa=False, _parallel_config=None):
     """Our diffusers attention backend: q, k, v are [B, S, H, D], as diffusers' dispatch passes them."""
     site = current_site.get()
+    if site is not None and _parallel_config is not None and not (dropout_p or is_causal or enable_gqa):
+        from .parallel import ulysses_attend, unsupported
+
+        call = site.runtime.current
+        if unsupported(_parallel_config.context_parallel_config,
+                       call.text_position if call is not None else None) is None:
+            return ulysses_attend(site, query, key, value, attn_mask, scale, _parallel_config)
     if site is None or dropout_p or is_causal or enable_gqa or _parallel_config is not None:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -47,7 +54,7 @@ def _ditaccel_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         if site is not None:
             site.reached += 1
             site.runtime.reached += 1
-            site._warn_once(_unmodelled(dropout_p, is_causal, enable_gqa, _parallel_config),
+            site._warn_once(_unmodelled(dropout_p, is_causal, enable_gqa, _parallel_config, site),
                             4.0 * query.shape[0] * query.shape[2] * query.shape[1] * key.shape[1] * query.shape[3])
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                      is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
@@ -67,11 +74,12 @@ def _ditaccel_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     return site.attend(query, key, value, site_mask, scale, dense)
 
 
-def _unmodelled(dropout_p, is_causal, enable_gqa, parallel_config) -> str:
-    if parallel_config is not None:
-        cp = getattr(parallel_config, "context_parallel_config", None)
-        degrees = f"ulysses_degree={getattr(cp, 'ulysses_degree', '?')}, ring_degree={getattr(cp, 'ring_degree', '?')}"
-        return f"context parallelism ({degrees}) is not supported by ditaccel's attention"
+def _unmodelled(dropout_p, is_causal, enable_gqa, parallel_config, site) -> str:
+    if parallel_config is not None and not (dropout_p or is_causal or enable_gqa):
+        from .parallel import unsupported
+
+        call = site.runtime.current
+        return unsupported(parallel_config.context_parallel_config, call.text_position if call is not None else None)
     return f"an attention call ditaccel does not model (dropout_p={dropout_p}, is_causal={is_causal}, enable_gqa={enable_gqa})"
 
 
@@ -109,7 +117,8 @@ def backend_member():
         if hasattr(AttentionBackendName, "_member_names_"):
             AttentionBackendName._member_names_.append("DITACCEL")
     if member not in _AttentionBackendRegistry._backends:
-        _AttentionBackendRegistry.register(member)(_ditaccel_backend)
+        # context-parallel capable: Ulysses runs our plans after diffusers' all-to-all (parallel.py)
+        _AttentionBackendRegistry.register(member, supports_context_parallel=True)(_ditaccel_backend)
     return member
 
 

@@ -146,18 +146,37 @@ def test_strict_must_be_a_bool():
         ditaccel.accelerate(pipe_for("wan"), "window", strict="yes", **SPARSE)
 
 
-def test_context_parallel_is_refused_before_anything_changes():
-    class CP:  # what enable_parallelism records on the model (ParallelConfig.context_parallel_config)
-        context_parallel_config = type("C", (), {"ulysses_degree": 2, "ring_degree": 1})()
+def _cp(ulysses, ring):  # what enable_parallelism records on the model (ParallelConfig)
+    return type("P", (), {"context_parallel_config": type("C", (), {"ulysses_degree": ulysses, "ring_degree": ring,
+                                                                       "ulysses_anything": False})()})()
 
-    model = pipe_for("wan").transformer
-    model._parallel_config = CP()
+
+@pytest.mark.parametrize("family,ulysses,ring,expect", [
+    ("wan", 1, 2, r"ring context parallelism \(ulysses_degree=1, ring_degree=2\) is not supported"),
+    ("flux", 2, 1, r"Ulysses .* text tokens in self-attention \(text_position='prefix'\)"),
+])
+def test_unsupported_context_parallel_is_refused_before_anything_changes(family, ulysses, ring, expect):
+    model = pipe_for(family).transformer
+    model._parallel_config = _cp(ulysses, ring)
     try:
-        with pytest.raises(ValueError, match=r"context parallelism enabled \(ulysses_degree=2, ring_degree=1\)"):
-            ditaccel.accelerate(pipe_for("wan"), "window", **SPARSE)
+        with pytest.raises(ValueError, match=expect):
+            ditaccel.accelerate(pipe_for(family), "window", **SPARSE)
         assert not hasattr(model, "_diffusers_hook") or not model._diffusers_hook.hooks
     finally:
         del model._parallel_config
+
+
+def test_unsupported_context_parallel_enabled_after_accelerate_is_refused_at_the_first_forward():
+    family = "wan"
+    pipe = pipe_for(family)
+    with ditaccel.accelerate(pipe, "window", **SPARSE) as handle:
+        pipe.transformer._parallel_config = _cp(1, 2)
+        try:
+            with pytest.raises(ValueError, match=r"ring context parallelism.*remove\(\) ditaccel"):
+                run(pipe, family)
+        finally:
+            del pipe.transformer._parallel_config
+        assert handle.stats()["calls"] == 0
 
 
 def test_context_parallel_call_reaching_the_backend_is_a_reported_fallback():
@@ -168,17 +187,18 @@ def test_context_parallel_call_reaching_the_backend_is_a_reported_fallback():
         stats, strict, reached = Stats(), False, 0
 
     site = AttentionSite(Runtime(), 0, "transformer.blocks.0.attn1")
-    cp = type("P", (), {"context_parallel_config": type("C", (), {"ulysses_degree": 2, "ring_degree": 1})()})()
+    Runtime.current = None
+    cp = _cp(1, 2)  # ring: not supported, so the call falls back (counted, warned)
     q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
     token = current_site.set(site)
     try:
         with pytest.raises(Exception):  # diffusers' native backend then needs a real process group
-            with pytest.warns(UserWarning, match="context parallelism"):
+            with pytest.warns(UserWarning, match="ring context parallelism"):
                 _ditaccel_backend(q, k, v, _parallel_config=cp)
     finally:
         current_site.reset(token)
-    assert list(Runtime.stats.fallbacks) == ["context parallelism (ulysses_degree=2, ring_degree=1) is not supported "
-                                             "by ditaccel's attention"]
+    (reason,) = Runtime.stats.fallbacks
+    assert reason.startswith("ring context parallelism (ulysses_degree=1, ring_degree=2) is not supported")
 
 
 def test_compiled_transformer_on_the_pipeline_is_explained():
