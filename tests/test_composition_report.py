@@ -47,6 +47,14 @@ def test_paths_account_for_every_call():
     assert paths["realised_density"] == pytest.approx(stats["mean_density"])
 
 
+def _clear_backends(model):
+    """set/reset_attention_backend set every attention processor's backend (cross-attention too): undo."""
+    for m in model.modules():
+        processor = getattr(m, "processor", None)
+        if processor is not None:
+            vars(processor).pop("_attention_backend", None)
+
+
 def _swap_processor(model):
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
@@ -95,7 +103,7 @@ def test_swaps_after_accelerate_are_reported_and_strict_raises(swap, expect):
     finally:
         for m, p in zip(self_attention(model), processors):
             m.set_processor(p)
-            vars(p).pop("_attention_backend", None)
+        _clear_backends(model)
         _AttentionBackendRegistry._active_backend = active
     assert torch.equal(run(pipe, family), ref)
 
@@ -111,8 +119,7 @@ def test_remove_keeps_a_backend_the_user_set_afterwards():
     try:
         assert all(m.processor._attention_backend is AttentionBackendName.NATIVE for m in self_attention(pipe.transformer))
     finally:
-        for m in self_attention(pipe.transformer):
-            vars(m.processor).pop("_attention_backend", None)
+        _clear_backends(pipe.transformer)
         _AttentionBackendRegistry._active_backend = active
 
 
