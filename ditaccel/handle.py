@@ -3,24 +3,25 @@
 Everything that can fail is checked before anything is changed (model family, config, which
 modules are self-attention and how their processors compute attention), so a failed call leaves
 the pipeline untouched; if applying still fails part-way, what was applied is undone before the
-error propagates. ``handle.remove()`` restores each module's ``forward``, hook registry and
-processor backend to exactly what they were.
+error propagates. ``handle.remove()`` takes out exactly ditaccel's hooks and processor backends,
+whatever was registered before or after them (``composition.py``), or refuses, changing nothing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-from diffusers.hooks import HookRegistry
 
 from .caches import CrossStepCaches
 from .checks import check_against_pipeline
 from .compiled import SITE_ATTR, register_site
+from .composition import check_entry, install, uninstall_all
 from .config import AttentionConfig, with_overrides
-from .hooks import ATTENTION_HOOK, SITE_OBJECT_ATTR, STEP_HOOK, AttentionHook, StepHook, enter_site, leave_site
+from .hooks import (ATTENTION_HOOK, SITE_OBJECT_ATTR, STEP_HOOK, AttentionHook, SiteMark, StepHook, enter_site,
+                    leave_site)
 from .intercept import ProcessorKind, backend_member, processor_kind
 from .methods import config_class, make_method
+from .parallel import context_parallel, unsupported
 from .pipelines import ModelAdapter, find_adapter
 from .runtime import AttentionSite, Stats, TransformerRuntime
 from .schedule import PipelineClock
@@ -57,6 +58,7 @@ class AccelerationHandle:
         self.stats_recorder.store = self.store
         self.runtimes: list[TransformerRuntime] = []
         self._undo: list = []
+        self._hooks: list = []  # (where, composition.InstalledHook), in install order
         self._removed = False
         self.notes: set[str] = set()  # how accelerate fitted the config to the target (stats()["notes"])
 
@@ -69,8 +71,13 @@ class AccelerationHandle:
         clock elsewhere); errors against dense attention at tracked steps; event counters; the
         memory the cross-step caches hold."""
         notes = sorted(set(self.notes).union(*(rt.method.notes for rt in self.runtimes)))
+        unreachable = [where for where, hook in self._hooks if not hook.reachable()]
+        if unreachable:
+            notes.append(f"ditaccel's hooks on {', '.join(unreachable)} are no longer called: a wrapper beneath them "
+                         "was removed by restoring the forward from before it (e.g. accelerate's "
+                         "remove_hook_from_module); accelerate again after remove() to run sparse there")
         return {"method": self.config.method, "family": self.adapter.family, "config": self.config.to_dict(),
-                **self.stats_recorder.summary(), "notes": notes}
+                **self.stats_recorder.summary(), "notes": notes, "unreachable_hooks": unreachable}
 
     def reset_stats(self) -> None:
         self.stats_recorder.clear()
@@ -107,7 +114,17 @@ class AccelerationHandle:
             rt.error_steps = steps
 
     def remove(self) -> None:
-        """Put the pipeline back exactly as it was (idempotent)."""
+        """Take ditaccel out (idempotent): exactly its hooks and processor backends, leaving every hook
+        registered before or after it working.
+
+        Raises:
+            composition.CompositionError: a wrapper installed after ditaccel calls its hook in a way
+                that cannot be re-pointed; the message names it. Nothing is changed then.
+        """
+        uninstall_all(self._hooks)  # raises before changing anything
+        self._hooks.clear()
+        for rt in self.runtimes:
+            rt.detached = True  # a wrapper that still holds our hook's forward (hidden from us) passes through
         while self._undo:
             self._undo.pop()()
         self._removed = True
@@ -123,28 +140,8 @@ class AccelerationHandle:
         return f"AccelerationHandle({self.adapter.family}, {self.config!r}, {state})"
 
 
-def _snapshot_module(module: torch.nn.Module):
-    """Undo for what registering a diffusers hook changes on a module: ``forward`` and the registry."""
-    had_forward = "forward" in module.__dict__
-    old_forward = module.__dict__.get("forward")
-    had_registry = hasattr(module, "_diffusers_hook")
-
-    def undo():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            for name in (STEP_HOOK, ATTENTION_HOOK):
-                registry.remove_hook(name, recurse=False)
-            if not had_registry and not registry.hooks:
-                del module._diffusers_hook
-        if had_forward:
-            module.forward = old_forward
-        elif "forward" in module.__dict__:
-            del module.forward
-
-    return undo
-
-
-def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, **overrides) -> AccelerationHandle:
+def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, strict: bool = False,
+               **overrides) -> AccelerationHandle:
     """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
 
     Args:
@@ -155,6 +152,10 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
             instance such as ``ditaccel.TileConfig(window=(3, 3, 3))``.
         model: a ``ditaccel.ModelSpec`` describing a transformer no adapter knows (which modules are
             its self-attention, the token grid, the text span); it replaces the adapter lookup.
+        strict: True turns every fallback to the model's own attention (an unsupported mask, an
+            unexpected sequence, ...) and every self-attention call that bypasses ditaccel (a processor
+            or backend swapped after ``accelerate``) into a ``ditaccel.StrictModeError``, for benchmarks
+            that must prove they ran sparse. Dense steps and layers the config asks for are no fallback.
         **overrides: that config's fields, e.g. ``window=(3, 3, 3), dense_steps=2``.
 
     Returns:
@@ -172,10 +173,17 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
         >>> video = pipe(prompt, num_inference_steps=20).frames[0]  # doctest: +SKIP
         >>> handle.stats()["mean_density"], handle.remove()  # doctest: +SKIP
     """
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict must be True or False, got {strict!r}")
+    check_entry(pipe)
     adapter = find_adapter(pipe, model)
     notes: set[str] = set()
     config = resolve_config(adapter, method, overrides, pipe, notes)
     transformers = adapter.transformers(pipe)
+    for attr, transformer in transformers:
+        reason = unsupported(context_parallel(transformer), adapter.text_position)
+        if reason is not None:
+            raise ValueError(f"{type(pipe).__name__}.{attr} has diffusers' context parallelism enabled: {reason}")
     if not transformers:
         raise ValueError(f"{type(pipe).__name__} has no transformer to accelerate (looked for {adapter.pipeline_attrs})")
     for attr, transformer in transformers:
@@ -212,6 +220,7 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
         for attr, transformer, sites in work:
             runtime = TransformerRuntime(attr, method_impl, handle.stats_recorder, handle.store, caches,
                                          clock=PipelineClock(pipe))
+            runtime.strict = strict
             handle.runtimes.append(runtime)
             for name, layer, module, processor, kind in sites:
                 original = getattr(processor, "_attention_backend", None)
@@ -219,21 +228,19 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
                 handle._undo.append(_restore_attr(module, SITE_ATTR))
                 setattr(module, SITE_ATTR, register_site(site))  # compiled.py: the site as a graph input
                 if kind is ProcessorKind.DISPATCH:
+                    # Shared torch module hooks, removable in any order (hooks.py: compile-friendly).
                     handle._undo.append(_restore_attr(module, SITE_OBJECT_ATTR))
-                    setattr(module, SITE_OBJECT_ATTR, site)
+                    setattr(module, SITE_OBJECT_ATTR, SiteMark(site, kind, member, processor))
                     handle._undo.append(module.register_forward_pre_hook(enter_site).remove)
                     handle._undo.append(module.register_forward_hook(leave_site).remove)
                 else:
-                    handle._undo.append(_snapshot_module(module))
-                    hook = AttentionHook(site, kind, member)
-                    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, ATTENTION_HOOK)
+                    hook = AttentionHook(site, kind, member, processor)
+                    handle._hooks.append((f"{attr}.{name}", install(module, hook, ATTENTION_HOOK)))
                 if kind is ProcessorKind.DISPATCH:
-                    handle._undo.append(_restore_attr(processor, "_attention_backend"))
+                    handle._undo.append(_restore_attr(processor, "_attention_backend", member))
                     processor._attention_backend = member
-            handle._undo.append(_snapshot_module(transformer))
-            root = HookRegistry.check_if_exists_or_initialize(transformer)
-            root.register_hook(StepHook(runtime, adapter), STEP_HOOK)
-            root.invalidate_child_registries_cache()
+            handle._hooks.append((attr, install(transformer, StepHook(runtime, adapter), STEP_HOOK)))
+            transformer._diffusers_hook.invalidate_child_registries_cache()
     except BaseException:
         handle.remove()
         raise
@@ -248,11 +255,15 @@ def _invalidate_registry_caches(transformers) -> None:
             registry.invalidate_child_registries_cache()
 
 
-def _restore_attr(obj, name: str):
+def _restore_attr(obj, name: str, ours=_MISSING):
+    """Undo for setting ``obj.name``; when ``ours`` is given, only while it still holds ``ours`` (a value
+    the user set since, e.g. ``set_attention_backend``, is theirs to keep)."""
     had = name in vars(obj)
     old = vars(obj).get(name, _MISSING)
 
     def undo():
+        if ours is not _MISSING and vars(obj).get(name, _MISSING) is not ours:
+            return
         if had:
             setattr(obj, name, old)
         elif name in vars(obj):

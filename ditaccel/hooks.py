@@ -7,19 +7,23 @@
 - ``AttentionHook`` (name ``ATTENTION_HOOK``) on each self-attention module of the SDPA and
   active-backend routes: marks its site as the one running and enters the interception around the
   module's forward, so the intercepted attention product knows its layer.
-Both are removed with ``remove_hook(name, recurse=True)``. The dispatch route marks its site with
-two shared torch module hooks instead (``enter_site``/``leave_site``, below: compile-friendly).
+Both are installed and removed through ``composition.py`` (in any order with other hooks). The
+dispatch route marks its site with two shared torch module hooks instead (``enter_site`` /
+``leave_site``, below: compile-friendly).
 """
 
 from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
 from .compiled import SITE_ATTR, TRACING
-
-from .intercept import ProcessorKind, SDPAIntercept, active_backend, current_site
-from .runtime import AttentionSite, ForwardInfo, TransformerRuntime
+from .intercept import ProcessorKind, SDPAIntercept, active_backend, bypass_reason, current_site
+from .parallel import context_parallel, unsupported
+from .runtime import AttentionSite, ForwardInfo, StrictModeError, TransformerRuntime
 
 STEP_HOOK = "ditaccel_step"
 ATTENTION_HOOK = "ditaccel_attention"
@@ -63,6 +67,11 @@ class StepHook(ModelHook):
     # graph). ``recursive=False``: the transformer's own forward, called from here, is still compiled.
     @torch._dynamo.disable(recursive=False)
     def new_forward(self, module, *args, **kwargs):
+        if self.runtime.detached:  # removed, but a wrapper we could not see still calls us
+            return self.fn_ref.original_forward(*args, **kwargs)
+        reason = unsupported(context_parallel(module), self.adapter.text_position)
+        if reason is not None:  # enable_parallelism after accelerate: refuse before anything runs
+            raise ValueError(f"ditaccel: {self.runtime.name}: {reason}; remove() ditaccel or disable parallelism")
         facts = self.adapter.call_facts(module, args, kwargs)
         branch, state, step_index = self._branch_state()
         shape = (facts.grid, facts.text_len, facts.batch)
@@ -81,11 +90,22 @@ class StepHook(ModelHook):
             dense_reason=facts.dense_reason,
         ))
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            out = self.fn_ref.original_forward(*args, **kwargs)
         finally:
+            reached = self.runtime.reached
             self.runtime.end()
             if current_site.get() is not None:  # an attention forward that raised left its site marked
                 current_site.set(None)
+        if not reached:  # no self-attention call reached ditaccel in this forward: say so, once
+            stats = self.runtime.stats
+            stats.forwards_without_attention += 1
+            if stats.forwards_without_attention == 1:
+                message = (f"ditaccel: a forward of {self.runtime.name} ran with no self-attention call reaching "
+                           "ditaccel (a cache skipped every attention module, or they bypass ditaccel; see "
+                           "stats()['paths'])")
+                stats.note("forward without attention", message)
+                warnings.warn(message, stacklevel=2)
+        return out
 
     def reset_state(self, module):
         self.state_manager.reset()
@@ -93,25 +113,65 @@ class StepHook(ModelHook):
         return module
 
 
+@dataclass
+class SiteMark:
+    """What the hooks of one self-attention module know: its site, how its attention is intercepted,
+    our backend member and the processor seen at ``accelerate`` (to tell a swap from a cache)."""
+
+    site: AttentionSite
+    kind: ProcessorKind
+    member: object = None
+    processor: object = None
+
+
+def no_attention_reached(mark: SiteMark, module) -> None:
+    """The module's forward ran and no attention call reached ditaccel: a cache beneath answered (counted),
+    or its processor/backend was swapped (warned once, recorded; an error under ``strict=True``)."""
+    site = mark.site
+    stats = site.runtime.stats
+    reason = bypass_reason(module, mark.processor, mark.kind, mark.member)
+    if reason is None:
+        stats.skipped += 1  # a hook beneath ours (a cache) answered without attention
+        return
+    stats.record_bypass(reason)
+    message = f"ditaccel: {site.name}: {reason}"
+    if site.runtime.strict:
+        raise StrictModeError(f"ditaccel (strict=True): {site.name}: {reason}")
+    if reason not in site._warned:
+        site._warned.add(reason)
+        stats.note(reason, message)
+        warnings.warn(message, stacklevel=3)
+
+
 class AttentionHook(ModelHook):
-    def __init__(self, site: AttentionSite, kind: ProcessorKind, member=None):
+    """The SDPA and active-backend routes: the interception entered around the module's forward."""
+
+    def __init__(self, site: AttentionSite, kind: ProcessorKind, member=None, processor=None):
         super().__init__()
         self.site = site
         self.kind = kind
-        self.member = member  # our backend's AttentionBackendName member (DISPATCH_ACTIVE only)
+        self.member = member  # our backend's AttentionBackendName member (DISPATCH_ACTIVE)
+        self.mark = SiteMark(site, kind, member, processor)
 
     def new_forward(self, module, *args, **kwargs):
+        if self.site.runtime.detached:
+            return self.fn_ref.original_forward(*args, **kwargs)
         token = current_site.set(self.site)
+        reached = self.site.reached
         try:
             if self.kind is ProcessorKind.SDPA:
                 with SDPAIntercept(self.site):
-                    return self.fn_ref.original_forward(*args, **kwargs)
-            if self.kind is ProcessorKind.DISPATCH_ACTIVE:
+                    out = self.fn_ref.original_forward(*args, **kwargs)
+            elif self.kind is ProcessorKind.DISPATCH_ACTIVE:
                 with active_backend(self.site, self.member):
-                    return self.fn_ref.original_forward(*args, **kwargs)
-            return self.fn_ref.original_forward(*args, **kwargs)
+                    out = self.fn_ref.original_forward(*args, **kwargs)
+            else:
+                out = self.fn_ref.original_forward(*args, **kwargs)
         finally:
             current_site.reset(token)
+        if self.site.reached == reached:
+            no_attention_reached(self.mark, module)
+        return out
 
 
 # --- the dispatch route: the running site, marked by torch module hooks ---------------------------
@@ -123,24 +183,30 @@ class AttentionHook(ModelHook):
 # hooks: one graph serves every block. (``always_call`` is not used: dynamo guards on each hook's id
 # in that table. A forward that raises leaves no stale site: the step hook clears it.)
 
-SITE_OBJECT_ATTR = "_ditaccel_site"
-_TOKEN_ATTR = "_ditaccel_site_token"
+SITE_OBJECT_ATTR = "_ditaccel_site"  # the module's SiteMark
+_ENTRY_ATTR = "_ditaccel_site_entry"  # (context token, the site's reached count) of the forward in flight
 
 
 def enter_site(module, args) -> None:
     if torch.compiler.is_compiling():
         TRACING.site_index = getattr(module, SITE_ATTR)  # a graph input (compiled.py)
         return
-    module.__dict__[_TOKEN_ATTR] = current_site.set(module.__dict__[SITE_OBJECT_ATTR])
+    site = module.__dict__[SITE_OBJECT_ATTR].site
+    module.__dict__[_ENTRY_ATTR] = (current_site.set(site), site.reached)
 
 
 def leave_site(module, args, output) -> None:
     if torch.compiler.is_compiling():
         TRACING.site_index = None
         return
-    token = module.__dict__.pop(_TOKEN_ATTR, None)
-    if token is not None:
-        current_site.reset(token)
+    entry = module.__dict__.pop(_ENTRY_ATTR, None)
+    if entry is None:
+        return
+    token, reached = entry
+    current_site.reset(token)
+    mark = module.__dict__[SITE_OBJECT_ATTR]
+    if mark.site.reached == reached:
+        no_attention_reached(mark, module)
 
 
 class _DefaultContext:

@@ -8,8 +8,11 @@ Two doors, chosen per processor (DESIGN.md, "Intercept, don't rewrite"):
 
 Either way the call lands in ``AttentionSite.attend`` of the self-attention module that is
 running, found through a context variable the module's hook sets for the duration of its forward.
-A call with no running site (or an argument we do not model: dropout, causal, GQA, context
-parallel) goes to the attention the model would have used.
+Under diffusers' Ulysses context parallelism the backend runs our plans after diffusers'
+all-to-all (``parallel.py``). A call with no running site (or an argument we do not model: dropout,
+causal, GQA, ring context parallelism) goes to the attention the model would have used; with a site, that fallback is counted
+and warned about (``AttentionSite._warn_once``). ``bypass_reason`` says why a self-attention
+module's forward never reached us (its processor or backend was swapped after ``accelerate``).
 """
 
 from __future__ import annotations
@@ -44,10 +47,22 @@ def _ditaccel_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         if TRACING.site_index is not None and not (dropout_p or is_causal or enable_gqa or _parallel_config):
             return site_attention(query, key, value, attn_mask, scale, TRACING.site_index)
     site = current_site.get()
+    if site is not None and _parallel_config is not None and not (dropout_p or is_causal or enable_gqa):
+        from .parallel import ulysses_attend, unsupported
+
+        call = site.runtime.current
+        if unsupported(_parallel_config.context_parallel_config,
+                       call.text_position if call is not None else None) is None:
+            return ulysses_attend(site, query, key, value, attn_mask, scale, _parallel_config)
     if site is None or dropout_p or is_causal or enable_gqa or _parallel_config is not None:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         original = site.original_backend if site is not None else None
+        if site is not None:
+            site.reached += 1
+            site.runtime.reached += 1
+            site._warn_once(_unmodelled(dropout_p, is_causal, enable_gqa, _parallel_config, site),
+                            4.0 * query.shape[0] * query.shape[2] * query.shape[1] * key.shape[1] * query.shape[3])
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                      is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
                                      backend=original, parallel_config=_parallel_config)
@@ -64,6 +79,31 @@ def _ditaccel_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         # reshapes it so before SDPA); the site reads masks as SDPA does, so hand it that shape.
         site_mask = attn_mask[:, None, None, :]
     return site.attend(query, key, value, site_mask, scale, dense)
+
+
+def _unmodelled(dropout_p, is_causal, enable_gqa, parallel_config, site) -> str:
+    if parallel_config is not None and not (dropout_p or is_causal or enable_gqa):
+        from .parallel import unsupported
+
+        call = site.runtime.current
+        return unsupported(parallel_config.context_parallel_config, call.text_position if call is not None else None)
+    return f"an attention call ditaccel does not model (dropout_p={dropout_p}, is_causal={is_causal}, enable_gqa={enable_gqa})"
+
+
+def bypass_reason(module, processor, kind: "ProcessorKind", member) -> str | None:
+    """Why ``module``'s forward (ditaccel's attention hook around it) reached no ditaccel attention:
+    a reason if its processor or backend was changed after ``accelerate``; None if it is as ditaccel set
+    it (then a hook beneath ditaccel's returned without computing attention, e.g. a cache)."""
+    now = getattr(module, "processor", None)
+    if now is not processor:
+        return (f"its attention processor was replaced after accelerate (set_attn_processor: now a "
+                f"{type(now).__name__}); ditaccel no longer sees its attention -- remove() and accelerate again")
+    if kind is ProcessorKind.DISPATCH and getattr(processor, "_attention_backend", None) is not member:
+        backend = getattr(processor, "_attention_backend", None)
+        return (f"its attention backend was changed after accelerate (set_attention_backend / "
+                f"reset_attention_backend: now {getattr(backend, 'value', backend)!r}); ditaccel no longer sees "
+                "its attention -- remove() and accelerate again")
+    return None
 
 
 def backend_member():
@@ -84,7 +124,8 @@ def backend_member():
         if hasattr(AttentionBackendName, "_member_names_"):
             AttentionBackendName._member_names_.append("DITACCEL")
     if member not in _AttentionBackendRegistry._backends:
-        _AttentionBackendRegistry.register(member)(_ditaccel_backend)
+        # context-parallel capable: Ulysses runs our plans after diffusers' all-to-all (parallel.py)
+        _AttentionBackendRegistry.register(member, supports_context_parallel=True)(_ditaccel_backend)
     return member
 
 

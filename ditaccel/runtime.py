@@ -47,14 +47,28 @@ class ForwardInfo:
         return T * H * W + self.text_len
 
 
+class StrictModeError(RuntimeError):
+    """``accelerate(..., strict=True)``: a call fell back to the model's attention or bypassed ditaccel."""
+
+
 class Stats:
     """Per (transformer, layer, step, branch): calls (dense / sparse / reused), density, attention
     time; per call of interest, the error against dense attention; event counters; cache memory;
-    the executors that really ran (``backends``: name -> kernel calls) and one-time ``notes``."""
+    the executors that really ran (``backends``: name -> kernel calls) and one-time ``notes``.
+
+    ``summary()["paths"]`` accounts for every self-attention call: sparse, dense by schedule (the
+    method's choice), dense by fallback (per reason), reused; module forwards that bypassed ditaccel
+    (per reason) or ran no attention beneath it (another hook's cache); and the realised density,
+    in which fallbacks count as dense."""
 
     def __init__(self):
-        self.cells = defaultdict(lambda: {"calls": 0, "dense_calls": 0, "reuse_calls": 0, "density_flops": 0.0,
-                                          "flops": 0.0, "time_ms": 0.0, "errors": []})
+        self.cells = defaultdict(lambda: {"calls": 0, "dense_calls": 0, "reuse_calls": 0, "fallback_calls": 0,
+                                          "density_flops": 0.0, "flops": 0.0, "time_ms": 0.0, "errors": []})
+        self.fallbacks: dict[str, int] = defaultdict(int)  # reason -> calls that ran the model's own attention
+        self.fallback_flops = 0.0  # of those fallbacks that no cell records (no step known, ...)
+        self.bypassed: dict[str, int] = defaultdict(int)  # reason -> module forwards that never reached ditaccel
+        self.skipped = 0  # module forwards in which a hook beneath ditaccel's returned without attention
+        self.forwards_without_attention = 0  # transformer forwards in which no self-attention reached ditaccel
         self.counters: dict = defaultdict(int)
         self.reports: dict = {}
         self.backends: dict[str, int] = defaultdict(int)  # executor that really ran -> kernel calls
@@ -67,8 +81,9 @@ class Stats:
         """``density`` may be a 0-d tensor (dynamic plans): it is read on the host only in ``summary``."""
         cell = self.cells[(transformer, layer, step, branch)]
         cell["calls"] += 1
-        cell["dense_calls"] += int(outcome == "dense")
+        cell["dense_calls"] += int(outcome in ("dense", "fallback"))
         cell["reuse_calls"] += int(outcome == "reuse")
+        cell["fallback_calls"] += int(outcome == "fallback")
         cell["density_flops"] = cell["density_flops"] + density * flops
         cell["flops"] += flops
 
@@ -84,6 +99,15 @@ class Stats:
     def note(self, key: str, message: str) -> None:
         """Keep ``message`` once under ``key`` (``summary()["notes"]``)."""
         self.notes.setdefault(key, message)
+
+    def record_fallback(self, reason: str, flops: float | None = None) -> None:
+        """One call ran the model's attention for ``reason``; ``flops`` when no cell records the call."""
+        self.fallbacks[reason] += 1
+        if flops is not None:
+            self.fallback_flops += flops
+
+    def record_bypass(self, reason: str) -> None:
+        self.bypassed[reason] += 1
 
     def add_error(self, key: tuple, rel_error: float) -> None:
         self.cells[key]["errors"].append(rel_error)
@@ -102,6 +126,10 @@ class Stats:
         self.backends.clear()
         self.notes.clear()
         self._events.clear()
+        self.fallbacks.clear()
+        self.bypassed.clear()
+        self.fallback_flops = 0.0
+        self.skipped = self.forwards_without_attention = 0
 
     def summary(self) -> dict:
         self._drain_events()
@@ -126,7 +154,23 @@ class Stats:
         counters = defaultdict(dict)
         for (name, t, step), n in sorted(self.counters.items()):
             counters[name][step] = counters[name].get(step, 0) + n
+        dense_calls = sum(c["dense_calls"] for c in cells)
+        cell_fallbacks = sum(c["fallback_calls"] for c in cells)
+        reuse_calls = sum(c["reuse_calls"] for c in cells)
+        all_flops = sum(c["flops"] for c in cells) + self.fallback_flops
+        paths = {
+            "sparse": sum(c["calls"] for c in cells) - dense_calls - reuse_calls,
+            "dense_by_schedule": dense_calls - cell_fallbacks,
+            "dense_by_fallback": dict(self.fallbacks),
+            "reused": reuse_calls,
+            "bypassed": dict(self.bypassed),
+            "skipped_by_other_hooks": self.skipped,
+            "forwards_without_attention": self.forwards_without_attention,
+            "realised_density": (float(sum(c["density_flops"] for c in cells)) + self.fallback_flops) / all_flops
+            if all_flops else None,
+        }
         return {
+            "paths": paths,
             "calls": sum(c["calls"] for c in cells),
             "dense_calls": sum(c["dense_calls"] for c in cells),
             "reuse_calls": sum(c["reuse_calls"] for c in cells),
@@ -175,6 +219,9 @@ class TransformerRuntime:
         self._mask_cache: dict = {}
         self.slot_validity: dict = {}  # per forward: see PlanExecutor.slot_validity
         self._last_step = -1
+        self.detached = False  # ditaccel (compose): set by handle.remove(); hooks pass through after
+        self.strict = False  # accelerate(strict=True): any fallback or bypass raises StrictModeError
+        self.reached = 0  # self-attention calls of the forward in flight that reached ditaccel
 
     def begin(self, call: ForwardInfo) -> None:
         # A step below the last one seen starts a new pipeline call: cross-step state is stale. (The
@@ -182,6 +229,7 @@ class TransformerRuntime:
         if call.step < self._last_step:
             self.store.reset(self.name)
         self._last_step = call.step
+        self.reached = 0
         self.current = self._with_schedule(call)
         self._mask_cache = {}
         self.slot_validity = {}
@@ -228,8 +276,14 @@ class AttentionSite:
         self.name = name
         self.original_backend = original_backend
         self._warned: set[str] = set()
+        self.reached = 0  # calls that reached attend(), ever (compose: bypass detection)
 
-    def _warn_once(self, reason: str) -> None:
+    def _warn_once(self, reason: str, flops: float | None = None) -> None:
+        """A fallback to the model's own attention: counted per reason (``flops``: for a call no cell
+        records), warned once, an error under ``strict=True``."""
+        self.runtime.stats.record_fallback(reason, flops)  # ditaccel (compose): the per-path account
+        if self.runtime.strict:
+            raise StrictModeError(f"ditaccel (strict=True): {self.name}: {reason}")
         if reason not in self._warned:
             self._warned.add(reason)
             message = f"ditaccel: {self.name}: {reason}; running the model's own attention there"
@@ -240,11 +294,14 @@ class AttentionSite:
         """q, k, v: [B, S, H, D]. ``dense()`` computes the model's own attention on the same inputs."""
         rt = self.runtime
         call = rt.current
+        self.reached += 1  # ditaccel (compose): the attention hook's bypass check reads this
+        rt.reached += 1
+        flops = 4.0 * q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * q.shape[3]
         if call is None:
-            self._warn_once("called outside a hooked transformer forward")
+            self._warn_once("called outside a hooked transformer forward", flops)
             return dense()
         if call.dense_reason:
-            self._warn_once(call.dense_reason)
+            self._warn_once(call.dense_reason, flops)
             return dense()
         S = q.shape[1]
         if call.text_len is None:  # the adapter left the dense span to the call: all beyond the grid
@@ -258,7 +315,8 @@ class AttentionSite:
         if order is None:
             return self._attend(call, q, k, v, attn_mask, scale, dense)
         if order.numel() != S or k.shape[1] != S:
-            self._warn_once(f"sequence of {S} tokens does not match the adapter's token order of {order.numel()}")
+            self._warn_once(f"sequence of {S} tokens does not match the adapter's token order of {order.numel()}",
+                            flops)
             return dense()
         # Extra dense tokens on both sides of the grid's: plan in the order that makes them one run.
         order = order.to(q.device)
@@ -289,7 +347,7 @@ class AttentionSite:
         if timer is not None:
             timer.stop()
         rt.stats.record(*key, density, 4.0 * B * H * S * k.shape[1] * D, outcome)
-        if outcome != "dense" and call.step in rt.error_steps:
+        if outcome in ("sparse", "reuse") and call.step in rt.error_steps:
             from .metrics import attention_rel_error
 
             rt.stats.add_error(key, attention_rel_error(dense(), out))
@@ -300,16 +358,16 @@ class AttentionSite:
         B, S, H, _ = q.shape
         if S != call.shape.seq_len or k.shape[1] != S:
             self._warn_once(f"sequence of {S} tokens does not match the grid {call.grid} + {call.text_len} text")
-            return dense(), "dense", 1.0
+            return dense(), "fallback", 1.0
         reading = MaskReading()
         if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # e.g. a model's own BlockMask
             self._warn_once(f"attention mask is a {type(attn_mask).__name__}, not a tensor")
-            return dense(), "dense", 1.0
+            return dense(), "fallback", 1.0
         if attn_mask is not None:
             reading = rt.read_mask(attn_mask, B, H, S)
             if reading.fallback is not None:
                 self._warn_once(reading.fallback)
-                return dense(), "dense", 1.0
+                return dense(), "fallback", 1.0
         executor = PlanExecutor(q, k, v, reading.key_valid, scale, rt.method.config.backend, rt.stats.count_backend,
                                 row_live=reading.row_live, slot_validity=rt.slot_validity)
         return rt.caches.run(call, q, k, executor, dense)
