@@ -131,7 +131,8 @@ def _snapshot_module(module: torch.nn.Module):
     return undo
 
 
-def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, **overrides) -> AccelerationHandle:
+def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, preset=None,
+               **overrides) -> AccelerationHandle:
     """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
 
     Args:
@@ -142,6 +143,8 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
             instance such as ``ditaccel.TileConfig(window=(3, 3, 3))``.
         model: a ``ditaccel.ModelSpec`` describing a transformer no adapter knows (which modules are
             its self-attention, the token grid, the text span); it replaces the adapter lookup.
+        preset: a preset file written by ``ditaccel calibrate`` (instead of ``method``); refused when it
+            was calibrated on another transformer (class or configuration).
         **overrides: that config's fields, e.g. ``window=(3, 3, 3), dense_steps=2``.
 
     Returns:
@@ -160,6 +163,12 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
         >>> handle.stats()["mean_density"], handle.remove()  # doctest: +SKIP
     """
     adapter = find_adapter(pipe, model)
+    if preset is not None:
+        if method is not None:
+            raise ValueError(f"accelerate: give a method or preset=, not both (got method={method!r}, preset={preset!r})")
+        from .calibrate.preset import preset_config
+
+        method = preset_config(preset, pipe)
     config = resolve_config(adapter, method, overrides, pipe)
     transformers = adapter.transformers(pipe)
     if not transformers:

@@ -15,6 +15,7 @@ other heads of its layer compute runs dense (a note says so).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -93,6 +94,7 @@ class TableMethod(AttentionMethod):
                 method.notes = self.notes
                 self._methods[i] = method
         self._dense_plans = ShapeCache()
+        self._warned_grid = False
         self._stacked = ShapeCache(size=256)  # one per (shape, head assignment): a table has few
 
     def head_rules(self, ctx) -> list[int | None]:
@@ -111,6 +113,13 @@ class TableMethod(AttentionMethod):
         return out
 
     def decide(self, ctx, q, k):
+        grid = self.config.calibrated_grid
+        if grid is not None and tuple(ctx.shape.grid) != tuple(grid) and not self._warned_grid:
+            self._warned_grid = True
+            message = (f"table: calibrated at the token grid {tuple(grid)}, running on {tuple(ctx.shape.grid)} "
+                       f"(another resolution or frame count): quality may differ from the calibrated figures")
+            self.notes.add(message)
+            warnings.warn(f"ditaccel: {message}", stacklevel=2)
         if self.is_dense(ctx.layer, ctx.step, ctx.dense_steps):
             return None
         rules = self.head_rules(ctx)

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import MAX_INT, AttentionConfig, check_index_set
+from ..config import MAX_INT, AttentionConfig, check_index_set, knob
 
 SPECIAL_USES = ("dense", "share", "cfg_share")
 
@@ -199,6 +199,9 @@ class TableConfig(AttentionConfig):
 
     method = "table"
     rules: tuple = ()
+    calibrated_grid: tuple[int, ...] | None = knob(
+        None, "optional_axes", help="the token grid (T, H, W) the table was calibrated at: a call on another "
+                                    "grid runs it anyway, with a note (None: no note)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,7 +264,7 @@ class TableConfig(AttentionConfig):
         out: dict[str, Any] = {}
         defaults = TableConfig()
         for f in dataclasses.fields(self):
-            if f.name == "rules":
+            if f.name in ("rules", "calibrated_grid"):  # the preset file keeps the grid in calibrated_at
                 continue
             value = getattr(self, f.name)
             if value != getattr(defaults, f.name):

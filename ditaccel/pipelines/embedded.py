@@ -41,6 +41,21 @@ at. Captions are at most 12 tokens, so 16 text tokens (Wan's default is 512) kee
 cross-attention small."""
 
 DEFAULT_PROMPT = "a red square moving left on a gray striped background"
+
+CALIBRATION_PROMPTS = (
+    "a blue circle moving right on a navy checkered background",
+    "a yellow triangle moving up on a brown cloudy background",
+    "a green diamond moving down on a teal gradient background",
+)
+"""The prompts ``ditaccel calibrate`` profiles and tunes on by default (none is a held-out prompt)."""
+
+HELDOUT_PROMPTS = (
+    DEFAULT_PROMPT,
+    "a magenta circle moving down on a brown striped background",
+    "a cyan square moving up on a navy gradient background",
+    "a yellow diamond moving left on a teal checkered background",
+)
+"""Prompts the calibrated preset is checked on, never calibrated on (the README's main job's is first)."""
 DEFAULT_NEGATIVE_PROMPT = ""
 
 PRESET = XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
