@@ -21,7 +21,7 @@ _EXPORTS = {
     "RadialConfig": ".methods", "TopKConfig": ".methods", "XAttnConfig": ".methods", "HeadsConfig": ".methods",
     "ClusterConfig": ".methods", "SUPPORTED_FAMILIES": ".pipelines", "ModelSpec": ".pipelines", "evaluate": ".eval",
     "register_method": ".methods", "unregister_method": ".methods",
-    "TableConfig": ".methods", "calibrate": ".calibrate",
+    "TableConfig": ".methods", "calibrate": ".calibration",
 }
 _MODULES = ("metrics", "eval", "methods", "pipelines", "kernels")
 

@@ -166,7 +166,7 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
     if preset is not None:
         if method is not None:
             raise ValueError(f"accelerate: give a method or preset=, not both (got method={method!r}, preset={preset!r})")
-        from .calibrate.preset import preset_config
+        from .calibration.preset import preset_config
 
         method = preset_config(preset, pipe)
     config = resolve_config(adapter, method, overrides, pipe)

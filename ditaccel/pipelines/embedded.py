@@ -58,10 +58,25 @@ HELDOUT_PROMPTS = (
 """Prompts the calibrated preset is checked on, never calibrated on (the README's main job's is first)."""
 DEFAULT_NEGATIVE_PROMPT = ""
 
-PRESET = XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
-"""What ``accelerate(pipe)`` runs on this pipeline when no method is given (the Wan family preset's
-3 x 3 x 3 tile window covers the whole 5 x 18 x 24 grid here, so it would stay dense). Chosen with
-``benchmarks/preset_sweep.py`` at :data:`DEFAULTS` (figures in ``benchmarks/RESULTS.md``)."""
+HAND_PRESET = XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
+"""The hand-picked preset this pipeline had before calibration (``benchmarks/preset_sweep.py``)."""
+
+PRESET_FILE = REFERENCE_DIR.parent / "presets" / "embedded.json"
+"""The calibrated preset, written by ``ditaccel calibrate`` on :data:`CALIBRATION_PROMPTS` at :data:`DEFAULTS`."""
+
+
+def _calibrated_preset():
+    if not PRESET_FILE.is_file():  # a checkout without the preset file: the hand-picked one
+        return HAND_PRESET
+    from ..calibration.preset import read_preset, table_config
+
+    return table_config(read_preset(PRESET_FILE), f"preset {PRESET_FILE.name}")
+
+
+PRESET = _calibrated_preset()
+"""What ``accelerate(pipe)`` runs on this pipeline when no method is given: the calibrated table
+(:data:`PRESET_FILE`; figures in ``benchmarks/RESULTS.md``, "Calibrated preset"). The Wan family
+preset's 3 x 3 x 3 tile window covers the whole 5 x 18 x 24 grid here, so it would stay dense."""
 
 SPECIAL_TOKENS = _model.SPECIAL_TOKENS
 VOCAB = _model.vocabulary()

@@ -137,8 +137,15 @@ def _runs(steps: list[int]) -> list[tuple[int, int]]:
 
 def to_rules(selection: Selection, profile: Profile, candidates: list[Candidate]) -> list[dict]:
     """The selection as ``TableConfig`` rules: shares first (they cover every head), then per-head
-    attention rules; dense cells need no rule (the table's default)."""
+    attention rules; dense cells need no rule (the table's default). Step ranges are written as
+    fractions of the calibrated step count (exact there), so the table follows a call of another
+    step count."""
     by_name = {c.name: c for c in candidates}
+    S = profile.steps
+
+    def frac(a, b):
+        return [a / S, b / S]
+
     rules = []
     for use, table in (("share", selection.share), ("cfg_share", selection.cfg_share)):
         grouped: dict[tuple, list[int]] = {}
@@ -146,7 +153,7 @@ def to_rules(selection: Selection, profile: Profile, candidates: list[Candidate]
             grouped.setdefault(tuple(_runs(steps)), []).append(l)
         for runs, layers in grouped.items():
             for a, b in runs:
-                rules.append({"use": use, "layers": layers, "steps": [a, b]})
+                rules.append({"use": use, "layers": layers, "steps": frac(a, b)})
     for l in range(profile.layers):
         for r, (a, b) in enumerate(profile.ranges):
             heads_by: dict[str, list[int]] = {}
@@ -155,7 +162,7 @@ def to_rules(selection: Selection, profile: Profile, candidates: list[Candidate]
                 if name != "dense":
                     heads_by.setdefault(name, []).append(h)
             for name, heads in heads_by.items():
-                where = {"layers": [l], "steps": [a, b]}
+                where = {"layers": [l], "steps": frac(a, b)}
                 if len(heads) < profile.heads:
                     where["heads"] = heads
                 rules.append(by_name[name].rule(**where))

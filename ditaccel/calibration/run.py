@@ -104,6 +104,7 @@ class _State:
 
 def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: float = 10.0, candidates=None,
               call: dict | None = None, seed: int = 0, step_parts: int = 4, sample_rows: int = 64,
+              steps_per_range: int | None = 2, candidate_prompts: int | None = 1,
               cost: str = "time", margin: float = 0.5, min_dense_steps: int = 1, block_size: int = 64,
               state_path=None, out=None, progress: bool = True, say=None) -> dict:
     """Calibrate a ``TableConfig`` for ``pipe`` (default: the embedded pipeline) on ``prompts``.
@@ -113,7 +114,10 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     margin / 100`` (lpips) so prompts not seen here keep the target. ``candidates``: names such as
     ``"xattn:threshold=0.9"`` or dicts (:mod:`.candidates`; default :data:`DEFAULT_CANDIDATES`).
     ``call``: pipeline call arguments (default: the embedded pipeline's). ``step_parts``: step
-    ranges per (layer, head). ``cost``: ``"time"`` (measured per-call time) or ``"blocks"``.
+    ranges per (layer, head); ``steps_per_range``: steps of each range at which the attention
+    candidates are measured (on the first CFG branch; None: every call), on the first
+    ``candidate_prompts`` prompts (None: all; every prompt's dense outputs feed the caches' errors
+    and every prompt is a reference of the tuning runs). ``cost``: ``"time"`` (measured per-call time) or ``"blocks"``.
     ``out``: the preset file to write. Returns a dict: ``config`` (the ``TableConfig``),
     ``preset`` (path or None), ``quality`` per prompt, ``cost``, ``density``, ``budget``, ``wall_s``,
     ``probes``, ``budget_exhausted``.
@@ -152,7 +156,8 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     steps = call.get("num_inference_steps")
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"call['num_inference_steps'] must be an int >= 2 to calibrate over steps, got {steps!r}")
-    knobs = dict(step_parts=step_parts, sample_rows=sample_rows, cost=cost, margin=margin, seed=seed,
+    knobs = dict(step_parts=step_parts, sample_rows=sample_rows, steps_per_range=steps_per_range,
+                 candidate_prompts=candidate_prompts, cost=cost, margin=margin, seed=seed,
                  min_dense_steps=min_dense_steps, block_size=block_size, target=[kind, target_value])
     state = _State(state_path, _fingerprint(pipe, prompts, call, cands, knobs), say)
     deadline = t_start + budget_minutes * 60.0
@@ -173,6 +178,7 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
         calls_per_run = layers * steps * (2 if (call.get("guidance_scale") or 0) > 1 else 1)
         bar = tqdm(total=calls_per_run * len(prompts), desc="profiling", disable=not progress, leave=False)
         profiler = Profiler(profile, cands, sample_rows=sample_rows, seed=seed, block_size=block_size,
+                            steps_per_range=steps_per_range, candidate_runs=candidate_prompts,
                             on_call=lambda: bar.update(1))
         try:
             for i, prompt in enumerate(prompts):

@@ -17,13 +17,10 @@ from ..methods.table_config import SPECIAL_USES, make_rule
 
 DEFAULT_CANDIDATES = (
     "dense", "share", "cfg_share",
-    "window:kernel_size=(3,9,9)", "window:kernel_size=(5,9,13)",
-    "tile:window=(3,3,3)", "tile:window=(5,3,3)",
-    "radial:order='tile'",
-    "topk:topk=0.5", "topk:topk=0.3",
-    "xattn:threshold=0.95", "xattn:threshold=0.9",
+    "window:kernel_size=(3,9,9)", "tile:window=(3,3,3)", "radial:order='tile'",
+    "topk:topk=0.5", "xattn:threshold=0.95", "xattn:threshold=0.9",
 )
-"""Dense, the cross-step caches, windows and tiles of two sizes, radial, topk and xattn at two levels."""
+"""Dense, the cross-step caches, a window, a tile neighbourhood, radial, topk and xattn (two levels)."""
 
 
 @dataclasses.dataclass(frozen=True)

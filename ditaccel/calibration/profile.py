@@ -144,12 +144,25 @@ class Profiler:
     """An observer (``handle.observe``) that fills a :class:`Profile`."""
 
     def __init__(self, profile: Profile, candidates: list[Candidate], *, sample_rows: int = 64, seed: int = 0,
-                 block_size: int = 64, time_step: int | None = None, on_call=None):
+                 block_size: int = 64, time_step: int | None = None, steps_per_range: int | None = None,
+                 candidate_runs: int | None = None, on_call=None):
         self.profile = profile
         self.candidates = [c for c in candidates if c.config is not None]
         self.methods = {c.name: make_method(c.config) for c in self.candidates}
         self.sample_rows, self.seed, self.block_size = sample_rows, seed, block_size
         self.time_step = profile.steps // 2 if time_step is None else time_step
+        # Candidates are measured at a few steps of each range and on one CFG branch (their errors
+        # barely differ between neighbouring steps and between branches; the dense outputs the caches'
+        # errors need are kept at every step and branch): None measures every call.
+        self.measured_steps = None
+        if steps_per_range is not None:
+            self.measured_steps = set()
+            for a, b in profile.ranges:
+                n = min(steps_per_range, b - a)
+                self.measured_steps |= {a + (i * (b - a)) // n for i in range(n)}
+            self.measured_steps.add(self.time_step)
+        self._branch = None
+        self.candidate_runs = candidate_runs  # runs (prompts) on which candidates are measured (None: all)
         self.run = 0
         self.on_call = on_call  # fn(): one call profiled (progress bars)
         self._rows = {}
@@ -176,10 +189,15 @@ class Profiler:
             dense = (torch.softmax(logits, -1) @ v.transpose(1, 2).float()).transpose(1, 2)  # [B, R, H, D]
             p.outputs[(self.run, branch, l, s)] = dense.cpu()
             dense_sq = dense.pow(2).sum(dim=(0, 1, 3))
+            if self._branch is None:
+                self._branch = branch
+            measure = self.measured_steps is None or (s in self.measured_steps and branch == self._branch)
+            measure = measure and (self.candidate_runs is None or self.run < self.candidate_runs)
             for h in range(H):
-                p.err_den[(l, h, r)] += float(dense_sq[h])
-                p.count[(l, h, r)] += 1
-            for cand in self.candidates:
+                if measure:
+                    p.err_den[(l, h, r)] += float(dense_sq[h])
+                    p.count[(l, h, r)] += 1
+            for cand in self.candidates if measure else ():
                 method = self.methods[cand.name]
                 store = self._stores[(self.run, cand.name)]
                 ctx = CallContext("transformer", l, s, branch, shape, B, H,
@@ -193,7 +211,7 @@ class Profiler:
                     p.err_num[key] += float(err_sq[h])
                     p.mass[key] += float(mass[h])
                     p.density[key] += float(density[h])
-                if self.run == 0 and l == 0 and s == self.time_step and branch in ("cond", "batch", "all"):
+                if self.run == 0 and l == 0 and s == self.time_step:
                     p.cost_ms[cand.name] = _time_call(lambda: _run_plan(method, ctx, plan, q, k, v))
             if self.run == 0 and l == 0 and s == self.time_step and "dense" not in p.cost_ms:
                 p.cost_ms["dense"] = _time_call(lambda: torch.nn.functional.scaled_dot_product_attention(
