@@ -78,5 +78,6 @@ def test_named_radial_gets_the_published_mask_knobs():
     assert HunyuanVideoAdapter().method_defaults("radial") == {"decay_factor": 0.95}
 
 
-def test_embedded_preset_unchanged():
-    assert embedded.PRESET == ditaccel.XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
+def test_embedded_preset_is_the_calibrated_table_and_the_hand_preset_is_kept():
+    assert embedded.HAND_PRESET == ditaccel.XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
+    assert embedded.PRESET.method == "table" and embedded.PRESET.rules  # from the shipped preset file

@@ -119,13 +119,20 @@ def candidate_rows(plan, q, k, v, rows: torch.Tensor, scale: float):
     qb = slots_q // bs
     kv_slots = torch.arange(n, device=q.device)
     kb = kv_slots // bs
-    b_idx = torch.arange(B, device=q.device)[:, None, None, None]
-    h_idx = torch.arange(H, device=q.device)[None, :, None, None]
     fb = full[:, :, qb][..., kb].expand(B, H, -1, -1)  # [B, H, R, n]
     ab = anyb[:, :, qb][..., kb].expand(B, H, -1, -1)
-    mm = torch.as_tensor(plan.block_mask.mask_mod(b_idx, h_idx, slots_q[None, None, :, None],
-                                                  kv_slots[None, None, None, :]), device=q.device)
-    allowed_slots = fb | (ab & mm)  # [B, H, R, n] over key slots
+    partial = ab & ~fb
+    if bool(partial.any()):  # token-level rule inside partial blocks only; b/h only where it depends on them
+        from ..kernels.reference import mask_mod_varies
+
+        vary_b, vary_h = mask_mod_varies(plan.block_mask.mask_mod, B, H, q.device)
+        b_idx = torch.arange(B if vary_b else 1, device=q.device)[:, None, None, None]
+        h_idx = torch.arange(H if vary_h else 1, device=q.device)[None, :, None, None]
+        mm = torch.as_tensor(plan.block_mask.mask_mod(b_idx, h_idx, slots_q[None, None, :, None],
+                                                      kv_slots[None, None, None, :]), device=q.device)
+        allowed_slots = fb | (partial & mm)  # [B, H, R, n] over key slots
+    else:
+        allowed_slots = fb
     real = src < S
     allowed = torch.zeros(B, H, rows.numel(), S, dtype=torch.bool, device=q.device)
     allowed[..., src[real]] = allowed_slots[..., real]

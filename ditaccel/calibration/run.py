@@ -120,7 +120,8 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     and every prompt is a reference of the tuning runs). ``cost``: ``"time"`` (measured per-call time) or ``"blocks"``.
     ``out``: the preset file to write. Returns a dict: ``config`` (the ``TableConfig``),
     ``preset`` (path or None), ``quality`` per prompt, ``cost``, ``density``, ``budget``, ``wall_s``,
-    ``probes``, ``budget_exhausted``.
+    ``probes`` (tuning runs used), ``probes_run`` and ``dense_runs_run`` (those this call ran, the rest
+    came from the state file), ``budget_exhausted``.
     """
     from tqdm.auto import tqdm
 
@@ -165,6 +166,7 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
 
     # 1. dense runs, profiled
     profile: Profile | None = state.data["profile"]
+    dense_runs_run = 0
     if profile is None or len(state.data["dense"]) < len(prompts):
         from .preset import model_identity
 
@@ -189,6 +191,7 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
                     run = timed_run(pipe, call_for(call, prompt), seed=seed, device=device, label="dense",
                                     progress=False)
                 state.data["dense"][i] = run
+                dense_runs_run += 1
         finally:
             bar.close()
         profile.runs = len(prompts)
@@ -212,10 +215,12 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     probe_bar = tqdm(total=math.ceil(math.log2(len(selections) + 1)), desc="tuning", disable=not progress,
                      leave=False)
     per_prompt: dict[tuple, list[float]] = {}
+    probes_run = [0]
 
     def quality_of(sel) -> float:
         key = repr(sel.key())
         if key not in state.data["probes"]:
+            probes_run[0] += 1
             values = []
             for i, prompt in enumerate(prompts):
                 record = evaluate(pipe, config_of(sel), call=call_for(call, prompt), seed=seed, repeats=1,
@@ -247,7 +252,8 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     result = {
         "config": config, "selection": chosen, "budget": chosen.budget, "cost": chosen.cost,
         "density": chosen.density, "quality": {"kind": kind, "per_prompt": values, "mean": mean, "std": std},
-        "probes": len(measured), "wall_s": wall, "budget_exhausted": exhausted, "profile": profile,
+        "probes": len(measured), "probes_run": probes_run[0], "dense_runs_run": dense_runs_run, "wall_s": wall,
+        "budget_exhausted": exhausted, "profile": profile,
         "preset": None,
     }
     if out is not None:
