@@ -1,6 +1,6 @@
 """Pareto table of the calibrated embedded preset against every single-method preset, on held-out prompts.
 
-    python benchmarks/calibrated_pareto.py --out /tmp/pareto.json [--seeds 0 1] [--methods all]
+    PYTHONPATH=. python benchmarks/calibrated_pareto.py --out /tmp/pareto.json [--seeds 0 1] [--methods all]
 
 For every held-out prompt (``embedded.HELDOUT_PROMPTS``, none used for calibration) and seed: one
 dense run, then one accelerated run per method through the evaluation engine with that dense run as

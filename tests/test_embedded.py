@@ -103,9 +103,12 @@ def test_the_embedded_pipeline_has_its_own_preset_and_other_wans_keep_the_family
 
     family = WanAdapter().preset()
     assert family != embedded.PRESET
-    for target in (pipe, pipe.transformer):
-        with ditaccel.accelerate(target) as handle:
-            assert handle.config == embedded.PRESET
+    with ditaccel.accelerate(pipe) as handle:
+        assert handle.config == embedded.PRESET
+    # The calibrated table's step ranges are fractions of the call's steps: a bare transformer has no
+    # scheduler to count them, so it is refused (as a fractional dense_steps is), naming the field.
+    with pytest.raises(ValueError, match=r"TableConfig\.rules=.*follows the pipeline call's steps"):
+        ditaccel.accelerate(pipe.transformer)
     other = embedded.build()
     other.transformer = type(pipe.transformer)(**{**embedded.TRANSFORMER_CONFIG, "num_layers": 2})
     assert not embedded.is_embedded_transformer(other.transformer)
