@@ -22,6 +22,7 @@ _EXPORTS = {
     "ClusterConfig": ".methods", "SUPPORTED_FAMILIES": ".pipelines", "ModelSpec": ".pipelines", "evaluate": ".eval",
     "register_method": ".methods", "unregister_method": ".methods",
     "StrictModeError": ".runtime", "CompositionError": ".composition",
+    "TableConfig": ".methods", "calibrate": ".calibration",
 }
 _MODULES = ("metrics", "eval", "methods", "pipelines", "kernels")
 

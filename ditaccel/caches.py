@@ -35,17 +35,11 @@ from .methods.base import resolved_dense_steps
 COND, UNCOND = "cond", "uncond"
 
 
-def _in(index: int, selected: tuple[int, ...]) -> bool:
-    return not selected or index in selected
-
-
 class CrossStepCaches:
     def __init__(self, config: AttentionConfig, method):
         self.config = config
         self.method = method
         self._warned = False
-        last_share = max(config.output_share_steps, default=-1)
-        self._keep_last_output_until = last_share  # no step after this reads "last_output"
 
     def run(self, ctx, q, k, executor, dense):
         """(output [B, S, H, D], outcome "dense" | "sparse" | "reuse", density) for one call."""
@@ -83,11 +77,11 @@ class CrossStepCaches:
     # --- sharing ---------------------------------------------------------------------------------
     def _shared(self, ctx):
         cfg = self.config
-        if ctx.step in cfg.output_share_steps and _in(ctx.layer, cfg.output_share_layers):
+        if cfg.shares_output_at(ctx.layer, ctx.step, ctx.total_steps):
             last = ctx.state.get("last_output")
             if last is not None:
                 return last
-        if ctx.step in cfg.cfg_share_steps and _in(ctx.layer, cfg.cfg_share_layers):
+        if cfg.shares_cfg_at(ctx.layer, ctx.step, ctx.total_steps):
             if ctx.branch not in (COND, UNCOND):
                 self._warn_branch(ctx.branch)
             elif ctx.branch == UNCOND:
@@ -99,11 +93,11 @@ class CrossStepCaches:
 
     def _remember(self, ctx, out) -> None:
         cfg = self.config
-        if ctx.step < self._keep_last_output_until and _in(ctx.layer, cfg.output_share_layers):
+        if cfg.keeps_output_at(ctx.layer, ctx.step, ctx.total_steps):
             ctx.state.put("last_output", out)
         elif "last_output" in ctx.state:
             ctx.state.pop("last_output")
-        if ctx.branch == COND and ctx.step in cfg.cfg_share_steps and _in(ctx.layer, cfg.cfg_share_layers):
+        if ctx.branch == COND and cfg.shares_cfg_at(ctx.layer, ctx.step, ctx.total_steps):
             ctx.state.put("cfg_output", (ctx.step, out))
 
     def _warn_branch(self, branch: str) -> None:

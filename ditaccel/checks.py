@@ -39,7 +39,7 @@ def check_against_pipeline(config: AttentionConfig, pipe, modules: list[tuple[st
     if config.follows_call and not PipelineClock(pipe).known:
         fields = [f for f, on in (("dense_steps", isinstance(config.dense_steps, float)),
                                   ("dense_above_noise", config.dense_above_noise is not None),
-                                  ("schedule", bool(config.schedule))) if on]
+                                  ("schedule", bool(config.schedule))) if on] or ["rules"]  # a table's step fractions
         what = f"{type(pipe).__name__}" + (" (a bare transformer)" if isinstance(pipe, torch.nn.Module) else "")
         raise ValueError(
             f"{name}.{fields[0]}={getattr(config, fields[0])!r} follows the pipeline call's steps, but {what} "

@@ -115,6 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", choices=METHOD_NAMES, metavar="METHOD", help="only this method")
     p.set_defaults(func=cmd_methods)
 
+    p = sub.add_parser("calibrate", help="search a per-(layer, head, step) table for this pipeline against a quality "
+                                         "target; write it as a preset file",
+                       description="Run the pipeline dense on a few prompts, profile every candidate per (layer, "
+                                   "head, step range) on sampled query rows, pick per cell the cheapest candidate "
+                                   "under an error budget, tune the budget with full runs until the target holds, "
+                                   "and write a preset (ditaccel.accelerate(pipe, preset=PATH)).",
+                       epilog="examples:\n  ditaccel calibrate\n  ditaccel calibrate --target psnr=34 --budget-minutes 5"
+                              "\n  ditaccel calibrate --candidates share,cfg_share,xattn:threshold=0.9",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--model", help="local pipeline directory or hub id (default: the embedded Wan pipeline)")
+    p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                   help="calibration prompt, repeatable (default: the embedded pipeline's calibration prompts)")
+    p.add_argument("--target", default="psnr=32", help="psnr=DB (mean against dense) or lpips=VALUE (default psnr=32)")
+    p.add_argument("--budget-minutes", type=float, default=10.0, help="wall-time budget (default 10)")
+    p.add_argument("--candidates", help="comma-separated candidates (method:knob=value;knob=value), default: all "
+                                        "built-in ones (ditaccel.calibration.DEFAULT_CANDIDATES)")
+    p.add_argument("--margin", type=float, default=0.5, help="dB above the target to tune to (default 0.5)")
+    p.add_argument("--cost", choices=("time", "blocks"), default="time",
+                   help="what 'cheapest' means: measured per-call time (default) or blocks computed")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--state", default="ditaccel-calibrate.state.pt", help="resumable state file")
+    p.add_argument("--out", default="ditaccel-preset.json", help="the preset file to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_calibrate)
+
     from .bench import add_parser as add_bench_parser
     from .demo import add_parser as add_demo_parser
 
@@ -152,6 +180,32 @@ def cmd_compare(args) -> int:
     finally:
         metrics_log.setLevel(level)
     print(format_report(report), file=human)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibration import calibrate
+    from .eval.runs import load_pipeline, resolve_device, resolve_dtype
+
+    if args.budget_minutes <= 0:
+        raise CLIError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    device = resolve_device(args.device)
+    pipe, defaults = load_pipeline(args.model, device, resolve_dtype(None, device))
+    call = dict(defaults)
+    if args.steps is not None:
+        call["num_inference_steps"] = args.steps
+    candidates = None
+    if args.candidates:  # ';' separates a candidate's knobs on the command line, ',' the candidates
+        candidates = [c.strip().replace(";", ",") for c in args.candidates.split(",") if c.strip()]
+    result = calibrate(pipe, args.prompts, target=args.target, budget_minutes=args.budget_minutes,
+                       candidates=candidates, call=call, seed=args.seed, margin=args.margin, cost=args.cost,
+                       state_path=args.state, out=args.out, progress=not args.no_progress,
+                       say=lambda line: print(line, flush=True))
+    q = result["quality"]
+    print(f"calibrated in {result['wall_s']:.0f} s ({result['probes']} probes"
+          f"{', budget exhausted' if result['budget_exhausted'] else ''}): {q['kind']} {q['mean']:.2f} +- {q['std']:.2f} "
+          f"on the calibration prompts, estimated attention cost {result['cost']:.3f} of dense, "
+          f"density {result['density']:.3f}; preset {result['preset']}")
     return 0
 
 

@@ -349,6 +349,20 @@ class AttentionConfig:
             count = max(count, above)
         return count
 
+    # --- where the cross-step caches apply (caches.py asks; TableConfig adds its per-layer rules) ---
+    def shares_output_at(self, layer: int, step: int, total_steps: int | None = None) -> bool:
+        """Output share: does (layer, step) reuse this layer's output of its last computed step?"""
+        return step in self.output_share_steps and (not self.output_share_layers or layer in self.output_share_layers)
+
+    def keeps_output_at(self, layer: int, step: int, total_steps: int | None = None) -> bool:
+        """Must (layer, step) keep its output for a later output share?"""
+        return step < max(self.output_share_steps, default=-1) and (
+            not self.output_share_layers or layer in self.output_share_layers)
+
+    def shares_cfg_at(self, layer: int, step: int, total_steps: int | None = None) -> bool:
+        """Cfg share: does the unconditional branch reuse the conditional branch's output here?"""
+        return step in self.cfg_share_steps and (not self.cfg_share_layers or layer in self.cfg_share_layers)
+
     def layer_is_dense(self, layer: int) -> bool:
         dl = self.dense_layers
         return layer < dl if isinstance(dl, int) else layer in dl

@@ -140,7 +140,7 @@ class AccelerationHandle:
         return f"AccelerationHandle({self.adapter.family}, {self.config!r}, {state})"
 
 
-def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, strict: bool = False,
+def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None, preset=None, strict: bool = False,
                **overrides) -> AccelerationHandle:
     """Make the self-attention of ``pipe`` (a diffusers pipeline or bare transformer) sparse.
 
@@ -152,6 +152,8 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
             instance such as ``ditaccel.TileConfig(window=(3, 3, 3))``.
         model: a ``ditaccel.ModelSpec`` describing a transformer no adapter knows (which modules are
             its self-attention, the token grid, the text span); it replaces the adapter lookup.
+        preset: a preset file written by ``ditaccel calibrate`` (instead of ``method``); refused when it
+            was calibrated on another transformer (class or configuration).
         strict: True turns every fallback to the model's own attention (an unsupported mask, an
             unexpected sequence, ...) and every self-attention call that bypasses ditaccel (a processor
             or backend swapped after ``accelerate``) into a ``ditaccel.StrictModeError``, for benchmarks
@@ -177,6 +179,12 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
         raise ValueError(f"strict must be True or False, got {strict!r}")
     check_entry(pipe)
     adapter = find_adapter(pipe, model)
+    if preset is not None:
+        if method is not None:
+            raise ValueError(f"accelerate: give a method or preset=, not both (got method={method!r}, preset={preset!r})")
+        from .calibration.preset import preset_config
+
+        method = preset_config(preset, pipe)
     notes: set[str] = set()
     config = resolve_config(adapter, method, overrides, pipe, notes)
     transformers = adapter.transformers(pipe)

@@ -50,13 +50,15 @@ def method_rows(name: str):
 
 
 def methods_text(only: str | None = None) -> str:
-    from .methods import METHODS, REGISTRY
+    from .methods import COMPOSED_METHODS, METHODS, REGISTRY
 
     lines = []
-    for name in METHODS if only is None else (only,):
+    for name in (*METHODS, *COMPOSED_METHODS) if only is None else (only,):
         module = sys.modules[REGISTRY[name][0].__module__]
         doc = (module.__doc__ or "").strip().splitlines()[0]
         lines.append(doc if doc.startswith(f"{name}:") else f"{name}: {doc}")
+        if name in COMPOSED_METHODS:
+            lines.append("  rules  (list of {use, layers, heads, steps, knobs}: see ditaccel.methods.table_config)")
         rows = method_rows(name)
         width = max(len(r[0]) for r in rows)
         for field, kind, allowed, default, help_, shared in rows:

@@ -236,7 +236,8 @@ def test_example_yaml_and_default_matrix():
     assert m.method_specs()[3].overrides == {"window": (1, 3, 3), "dense_steps": 1}
     assert len(m.cells()) == 5 * 2 * 2
     d = default_matrix()
-    assert [s.name for s in d.method_specs()] == list(ditaccel.METHODS)  # "all", expanded at run time
+    # "all", expanded at run time: every method, plus the embedded pipeline's calibrated table
+    assert [s.name for s in d.method_specs()] == [*ditaccel.METHODS, "calibrated"]
     assert d.seeds == (0, 1) and d.device == "cpu" and d.sizes == (SizeSpec(128, 256, 9, 4),)
 
 

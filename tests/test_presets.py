@@ -117,3 +117,10 @@ def test_the_embedded_pipeline_keeps_the_methods_own_defaults():
     assert WanAdapter().method_defaults("radial", pipe) == {}
     with ditaccel.accelerate(pipe, "radial") as handle:
         assert handle.config == RadialConfig()
+
+
+def test_embedded_preset_is_the_hand_preset_and_the_calibrated_table_ships_beside_it():
+    assert embedded.PRESET == embedded.HAND_PRESET == ditaccel.XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
+    pipe = embedded.load()
+    with ditaccel.accelerate(pipe, preset=embedded.PRESET_FILE) as handle:
+        assert handle.config.method == "table" and handle.config.rules

@@ -4,7 +4,9 @@ A matrix file holds any of these keys (every one optional; flags override them):
 
     models:  [embedded]              # "embedded" = the embedded default pipeline, else a path or hub id
     methods: all                     # "all" = every name in ditaccel.METHODS at run time, each with the
-                                     # family's defaults (accelerate(pipe, name)); or a list of names,
+                                     # family's defaults (accelerate(pipe, name)), plus "calibrated" (the
+                                     # embedded pipeline's calibrated table) when models has "embedded";
+                                     # or a list of names,
                                      # "preset" (the model's preset), or {name, set: {field: value}, label}
     sizes:   [{height: 256, width: 256, frames: 9, steps: 4}]   # or "256x256x9" (HxWxF) / "256x256"
     seeds:   [0, 1]
@@ -37,6 +39,7 @@ from typing import Any
 
 EMBEDDED = "embedded"
 PRESET = "preset"
+CALIBRATED = "calibrated"  # the embedded pipeline's shipped calibrated table (ditaccel calibrate)
 ALL = "all"
 DTYPES = ("float32", "float16", "bfloat16")
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*(?:x\s*(\d+))?\s*$")
@@ -73,7 +76,13 @@ class MethodSpec:
 
     @property
     def method(self) -> str | None:
-        """What ``ditaccel.accelerate`` takes: None for the model's preset."""
+        """What ``ditaccel.accelerate`` takes: None for the model's preset; for ``calibrated`` the
+        embedded pipeline's calibrated ``TableConfig`` (its preset file)."""
+        if self.name == CALIBRATED:
+            from ..calibration.preset import read_preset, table_config
+            from ..pipelines.embedded import PRESET_FILE
+
+            return table_config(read_preset(PRESET_FILE), f"preset {PRESET_FILE.name}")
         return None if self.name == PRESET else self.name
 
     def to_dict(self) -> dict:
@@ -180,11 +189,13 @@ class BenchMatrix:
         _positive("mask_head", self.mask_head, allow_none=False, minimum=0)
 
     def method_specs(self) -> tuple[MethodSpec, ...]:
-        """The method columns; "all" is expanded from ``ditaccel.METHODS`` now, so new methods join."""
+        """The method columns; "all" is expanded from ``ditaccel.METHODS`` now, so new methods join,
+        plus the ``calibrated`` table on the embedded model."""
         if isinstance(self.methods, str):
             import ditaccel
 
-            return tuple(MethodSpec(name) for name in ditaccel.METHODS)
+            extra = (MethodSpec(CALIBRATED),) if EMBEDDED in self.models else ()
+            return tuple(MethodSpec(name) for name in ditaccel.METHODS) + extra
         return self.methods
 
     def cells(self) -> list[Cell]:
@@ -317,5 +328,5 @@ def _unique(name: str, items) -> None:
         seen.add(item)
 
 
-__all__ = ["ALL", "BenchMatrix", "Cell", "EMBEDDED", "MethodSpec", "PRESET", "SizeSpec", "default_matrix",
+__all__ = ["ALL", "CALIBRATED", "BenchMatrix", "Cell", "EMBEDDED", "MethodSpec", "PRESET", "SizeSpec", "default_matrix",
            "load_matrix", "matrix_from_dict", "parse_method", "parse_size"]

@@ -30,6 +30,14 @@ REGISTRY: dict[str, tuple[type[AttentionConfig], type[AttentionMethod]]] = {
 BUILTIN_METHODS = tuple(REGISTRY)
 METHODS = BUILTIN_METHODS  # the built-in methods; ``method_names()`` adds registered ones
 
+# ``table`` composes the methods above per (layer, head, step range): a name ``accelerate`` takes,
+# kept out of METHODS (the single methods the bench, the demo and the fuzz tests iterate).
+from .table import TableMethod  # noqa: E402
+from .table_config import TableConfig, TableRule  # noqa: E402
+
+COMPOSED_METHODS = ("table",)
+REGISTRY["table"] = (TableConfig, TableMethod)
+
 
 def method_names() -> tuple[str, ...]:
     return tuple(REGISTRY)
@@ -46,7 +54,7 @@ def register_method(name: str, config_cls: type[AttentionConfig], method_cls: ty
 
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"register_method: name must be an identifier string, got {name!r}")
-    if name in BUILTIN_METHODS:
+    if name in BUILTIN_METHODS or name in COMPOSED_METHODS:
         raise ValueError(f"register_method: {name!r} is a built-in method ({list(BUILTIN_METHODS)})")
     if name in REGISTRY and not replace:
         raise ValueError(f"register_method: {name!r} is already registered (pass replace=True)")
@@ -67,7 +75,7 @@ def register_method(name: str, config_cls: type[AttentionConfig], method_cls: ty
 
 def unregister_method(name: str) -> None:
     """Remove a method added with ``register_method`` (built-ins stay)."""
-    if name in BUILTIN_METHODS or name not in REGISTRY:
+    if name in BUILTIN_METHODS or name in COMPOSED_METHODS or name not in REGISTRY:
         raise ValueError(f"unregister_method: {name!r} is not a registered external method")
     del REGISTRY[name]
 
@@ -89,6 +97,6 @@ def make_method(config: AttentionConfig) -> AttentionMethod:
 
 __all__ = [
     "AttentionMethod", "CallShape", "DenseConfig", "WindowConfig", "TileConfig", "RadialConfig", "TopKConfig",
-    "XAttnConfig", "HeadsConfig", "ClusterConfig",
+    "XAttnConfig", "HeadsConfig", "ClusterConfig", "TableConfig", "TableRule", "COMPOSED_METHODS",
     "METHODS", "REGISTRY", "config_class", "make_method", "register_method", "unregister_method", "method_names",
 ]

@@ -60,5 +60,8 @@ def add_parser(subparsers):
 
 
 def main(args=None) -> int:
+    from ..calibration.preset import presets_markdown
+
     print(coverage_markdown(), end="")
+    print(presets_markdown(), end="")  # the calibrated preset files shipped in the package
     return 0

@@ -1,0 +1,215 @@
+"""The calibrator's search: per cell the cheapest candidate under an error budget, then the budget.
+
+:func:`select` turns a :class:`~.profile.Profile` and one error budget into a choice per cell:
+
+- per (layer, step), in step order: **output share** when reusing the layer's last computed output
+  (a chain of shares reuses the same one) stays within the budget; else the step computes, and the
+  unconditional branch takes **cfg share** when the conditional branch's output is within budget;
+- per (layer, head, step range): the cheapest attention candidate whose profiled error is within
+  the budget (dense, error 0, always qualifies; ties go to the earlier candidate).
+
+Costs are per head per call relative to dense attention: measured wall time of each candidate's
+call (``cost="time"``, the profiler's timings: what a CPU pays, scoring included) or the fraction
+of blocks it computes (``cost="blocks"``: attention FLOPs). A share costs nothing.
+
+:func:`tune` then searches the budget over a log grid, by bisection, for the largest budget whose
+full runs (a callable: the engine's PSNR against dense on the calibration prompts) still meet the
+target: the lowest-cost selection that meets it, when quality falls as the budget grows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .candidates import Candidate
+from .profile import Profile
+
+SHARE_COST = 0.0
+
+
+@dataclasses.dataclass
+class Selection:
+    budget: float
+    share: dict  # layer -> sorted steps that reuse the layer's last computed output
+    cfg_share: dict  # layer -> sorted steps whose unconditional branch reuses the conditional output
+    attention: dict  # (layer, head, range index) -> candidate name
+    cost: float  # estimated attention cost of a pipeline call, relative to dense (1.0)
+    density: float  # fraction of dense attention FLOPs computed (shares count 0)
+
+    def key(self) -> tuple:
+        return (tuple(sorted((k, tuple(v)) for k, v in self.share.items())),
+                tuple(sorted((k, tuple(v)) for k, v in self.cfg_share.items())),
+                tuple(sorted(self.attention.items())))
+
+
+def unit_costs(profile: Profile, candidates: list[Candidate], cost: str) -> dict:
+    """candidate name -> cost per call relative to dense (``time``) or None (``blocks``: per cell)."""
+    if cost not in ("time", "blocks"):
+        raise ValueError(f"cost must be 'time' or 'blocks', got {cost!r}")
+    out = {}
+    for c in candidates:
+        if c.config is None:
+            continue
+        if cost == "time":
+            dense_ms = profile.cost_ms.get("dense")
+            ms = profile.cost_ms.get(c.name)
+            out[c.name] = ms / dense_ms if dense_ms and ms is not None else 1.0
+        else:
+            out[c.name] = None
+    return out
+
+
+def cell_cost(profile: Profile, name: str, units: dict, l: int, h: int, r: int) -> float:
+    if name == "dense":
+        return 1.0
+    unit = units[name]
+    return profile.mean_density(name, l, h, r) if unit is None else unit
+
+
+def choose_cell(profile: Profile, candidates: list[Candidate], units: dict, l: int, h: int, r: int,
+                budget: float) -> str:
+    """The cheapest attention candidate of the cell whose error is within ``budget`` (dense otherwise)."""
+    best, best_cost = "dense", 1.0
+    for c in candidates:
+        if c.config is None:
+            continue
+        cost = cell_cost(profile, c.name, units, l, h, r)
+        if cost < best_cost and profile.error(c.name, l, h, r) <= budget:
+            best, best_cost = c.name, cost
+    return best
+
+
+def select(profile: Profile, candidates: list[Candidate], budget: float, cost: str = "time",
+           min_dense_steps: int = 1) -> Selection:
+    """One :class:`Selection` for ``budget`` (module doc). ``min_dense_steps``: leading steps that
+    neither share nor run sparse (the layout of the image is set there)."""
+    names = {c.name for c in candidates}
+    units = unit_costs(profile, candidates, cost)
+    L, H, S = profile.layers, profile.heads, profile.steps
+    attention = {}
+    for l in range(L):
+        for h in range(H):
+            for r, (a, b) in enumerate(profile.ranges):
+                attention[(l, h, r)] = "dense" if b <= min_dense_steps else \
+                    choose_cell(profile, candidates, units, l, h, r, budget)
+    share, cfg = {}, {}
+    branches = 2 if profile.has_uncond() else 1
+    total = flops = 0.0
+    for l in range(L):
+        last = None
+        for s in range(S):
+            r = profile.range_of(s)
+            if s < min_dense_steps:
+                per_call = 1.0
+                dens = 1.0
+            else:
+                per_call = sum(cell_cost(profile, attention[(l, h, r)], units, l, h, r) for h in range(H)) / H
+                dens = sum(1.0 if attention[(l, h, r)] == "dense" else profile.mean_density(attention[(l, h, r)], l, h, r)
+                           for h in range(H)) / H
+            if ("share" in names and s >= min_dense_steps and last is not None
+                    and profile.reuse_error(l, last, s) <= budget):
+                share.setdefault(l, []).append(s)
+                total += SHARE_COST * branches
+                continue
+            last = s
+            if "cfg_share" in names and branches == 2 and s >= min_dense_steps and profile.cfg_error(l, s) <= budget:
+                cfg.setdefault(l, []).append(s)
+                total += per_call
+                flops += dens
+            else:
+                total += per_call * branches
+                flops += dens * branches
+    calls = L * S * branches
+    return Selection(budget=budget, share=share, cfg_share=cfg, attention=attention, cost=total / calls,
+                     density=flops / calls)
+
+
+def _runs(steps: list[int]) -> list[tuple[int, int]]:
+    """Sorted steps -> half-open runs of consecutive steps."""
+    out = []
+    for s in steps:
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
+    return out
+
+
+def to_rules(selection: Selection, profile: Profile, candidates: list[Candidate]) -> list[dict]:
+    """The selection as ``TableConfig`` rules: shares first (they cover every head), then per-head
+    attention rules; dense cells need no rule (the table's default). Step ranges are written as
+    fractions of the calibrated step count (exact there), so the table follows a call of another
+    step count."""
+    by_name = {c.name: c for c in candidates}
+    S = profile.steps
+
+    def frac(a, b):
+        return [a / S, b / S]
+
+    rules = []
+    for use, table in (("share", selection.share), ("cfg_share", selection.cfg_share)):
+        grouped: dict[tuple, list[int]] = {}
+        for l, steps in sorted(table.items()):
+            grouped.setdefault(tuple(_runs(steps)), []).append(l)
+        for runs, layers in grouped.items():
+            for a, b in runs:
+                rules.append({"use": use, "layers": layers, "steps": frac(a, b)})
+    for l in range(profile.layers):
+        for r, (a, b) in enumerate(profile.ranges):
+            heads_by: dict[str, list[int]] = {}
+            for h in range(profile.heads):
+                name = selection.attention[(l, h, r)]
+                if name != "dense":
+                    heads_by.setdefault(name, []).append(h)
+            for name, heads in heads_by.items():
+                where = {"layers": [l], "steps": frac(a, b)}
+                if len(heads) < profile.heads:
+                    where["heads"] = heads
+                rules.append(by_name[name].rule(**where))
+    return rules
+
+
+def budget_grid(low: float = 1e-3, high: float = 1.0, points: int = 31) -> list[float]:
+    return [low * (high / low) ** (i / (points - 1)) for i in range(points)]
+
+
+def tune(quality_of, selections: list[Selection], target: float, *, higher_is_better: bool = True,
+         out_of_time=lambda: False, say=lambda line: None):
+    """Bisection over ``selections`` (ordered from the most conservative budget to the most
+    aggressive) for the last one whose ``quality_of(selection)`` meets ``target``.
+
+    Returns (chosen selection or None when none met it, {selection index: quality} measured).
+    Selections equal to an already measured one are not run again."""
+    measured: dict[int, float] = {}
+    by_key: dict[tuple, float] = {}
+
+    def ok(i: int) -> bool:
+        if i not in measured:
+            key = selections[i].key()
+            if key not in by_key:
+                by_key[key] = quality_of(selections[i])
+                say(f"budget {selections[i].budget:.4g}: cost {selections[i].cost:.3f}, quality {by_key[key]:.3f}")
+            measured[i] = by_key[key]
+        q = measured[i]
+        return (q >= target) if higher_is_better else (q <= target)
+
+    lo, hi = -1, len(selections)  # invariant: lo meets (or is the sentinel), hi fails (or is the sentinel)
+    while hi - lo > 1 and not out_of_time():
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    if lo < 0:
+        return None, measured
+    return selections[lo], measured
+
+
+def cheapest_meeting(quality: dict[int, float], selections: list[Selection], target: float,
+                     higher_is_better: bool = True):
+    """Exhaustive twin of :func:`tune` (tests): the cheapest selection whose quality meets ``target``."""
+    ok = [i for i, q in quality.items() if (q >= target if higher_is_better else q <= target)]
+    return min(ok, key=lambda i: (selections[i].cost, i)) if ok else None
+
+
+__all__ = ["Selection", "select", "to_rules", "tune", "budget_grid", "cheapest_meeting", "choose_cell"]
