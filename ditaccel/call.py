@@ -68,6 +68,13 @@ class Call:
             raise KeyError(f"{name!r} is not a fact of a call; facts: {sorted(_FACTS)}")
         return getattr(self, name)
 
+    def keys(self):
+        """The fact names: with ``__getitem__``, a call reads as a mapping (``dict(call)``)."""
+        return sorted(_FACTS)
+
+    def __iter__(self):
+        return iter(self.keys())
+
     def facts(self) -> dict:
         """The call's facts as plain values (JSON-ready)."""
         return {name: getattr(self, name) for name in sorted(_FACTS)}
