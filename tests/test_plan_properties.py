@@ -113,13 +113,18 @@ def test_layouts_are_permutations_with_text_in_whole_blocks():
         assert not mixes.any(), f"a block mixes text and video: {(grid, text_len, position, order, bs)}"
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# ``table`` composes the other methods by rules (an empty table is dense): its plans are checked against
+# per-head brute force in test_table_method.py.
+COMPUTING = sorted(set(REGISTRY) - {"table"})
+
+
+@pytest.mark.parametrize("name", COMPUTING)
 def test_every_method_computes_its_plan_on_every_layout(name):
     check_method_on_cases(name, CASES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", COMPUTING)
 def test_every_method_computes_its_plan_on_more_random_layouts(name):
     check_method_on_cases(name, MORE_CASES, need_sparse=False)
 
