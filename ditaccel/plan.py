@@ -134,8 +134,10 @@ def _lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _block_mask(full: torch.Tensor, partial: torch.Tensor, mask_mod, block_size: int, n: int) -> BlockMask:
     kv_num, kv_idx = _lists(partial)
     full_num, full_idx = _lists(full)
+    # compute_q_blocks=False: the q-major lists serve only the backward pass; inference never needs them.
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(n, n)
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(n, n),
+        compute_q_blocks=False,
     )
 
 

@@ -75,6 +75,7 @@ def exact_block_mask(block_mask: BlockMask) -> BlockMask:
     exact = BlockMask.from_kv_blocks(
         block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
         block_mask.full_kv_indices, BLOCK_SIZE=(BQ, BK), mask_mod=listed_mask_mod, seq_lengths=(Sq, Skv),
+        compute_q_blocks=False,  # inference: no backward lists
     )
     _EXACT[block_mask] = exact
     return exact

@@ -66,7 +66,8 @@ class HeadwisePlan(SparsePlan):
             return allowed(b, h, q_idx, kv_idx) & (key_valid[b, h, kv] if per_head else key_valid[b, 0, kv])
 
         return BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-                                        BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=bm.seq_lengths)
+                                        BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=bm.seq_lengths,
+                                        compute_q_blocks=False)  # inference: no backward lists
 
 
 def _as4(x: torch.Tensor) -> torch.Tensor:
