@@ -7,15 +7,14 @@ when given, is an additive key mask. Latents [B, C, F, H, W], grid (F / p_t, H /
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class AllegroAdapter(ModelAdapter):
+class AllegroAdapter(UncalibratedPreset, ModelAdapter):
     family = "allegro"
     transformer_classes = ("AllegroTransformer3DModel",)
     text_position = "none"
     attention_route = "sdpa"
-    preset_source = conservative_source(100)
     typical_steps = 100
 
     def self_attention_modules(self, transformer):
@@ -27,6 +26,3 @@ class AllegroAdapter(ModelAdapter):
         p, pt = transformer.config.patch_size, transformer.config.patch_size_t
         B, _, F, H, W = x.shape
         return CallFacts((F // pt, H // p, W // p), 0, B, self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

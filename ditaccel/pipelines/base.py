@@ -161,6 +161,18 @@ def conservative_source(typical_steps: int) -> str:
             f"{typical_steps}, the count a bare transformer runs)")
 
 
+class UncalibratedPreset:
+    """Mixin (first base) of an adapter whose family nobody has calibrated: the conservative preset,
+    its source stated from the adapter's ``typical_steps`` (the one number it sets)."""
+
+    @property
+    def preset_source(self) -> str:
+        return conservative_source(self.typical_steps)
+
+    def preset(self) -> AttentionConfig:
+        return conservative_preset()
+
+
 def dense_runs_first(before: int, n_video: int, after: int) -> torch.Tensor:
     """Token order for a sequence [before, grid, after] with both dense runs planned as one prefix:
     the ``before`` tokens, then the ``after`` ones, then the grid's."""

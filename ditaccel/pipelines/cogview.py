@@ -9,16 +9,15 @@ not a key-padding mask): such calls fall back to the model's own dense attention
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class CogView3PlusAdapter(ModelAdapter):
+class CogView3PlusAdapter(UncalibratedPreset, ModelAdapter):
     family = "cogview3plus"
     transformer_classes = ("CogView3PlusTransformer2DModel",)
     text_position = "prefix"
     attention_route = "sdpa"
     typical_steps = 50
-    preset_source = conservative_source(50)
 
     def self_attention_modules(self, transformer):
         return blocks(transformer, (("transformer_blocks", "attn1"),))
@@ -30,9 +29,6 @@ class CogView3PlusAdapter(ModelAdapter):
         B, _, H, W = x.shape
         text_len = a["encoder_hidden_states"].shape[1]
         return CallFacts((1, H // p, W // p), text_len, B, self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()
 
 
 class CogView4Adapter(CogView3PlusAdapter):

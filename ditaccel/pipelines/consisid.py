@@ -8,15 +8,14 @@ TorchFunctionMode intercepts it). The face-identity cross-attention is left alon
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class ConsisIDAdapter(ModelAdapter):
+class ConsisIDAdapter(UncalibratedPreset, ModelAdapter):
     family = "consisid"
     transformer_classes = ("ConsisIDTransformer3DModel",)
     text_position = "prefix"
     attention_route = "sdpa"
-    preset_source = conservative_source(50)
     typical_steps = 50
 
     def self_attention_modules(self, transformer):
@@ -29,6 +28,3 @@ class ConsisIDAdapter(ModelAdapter):
         B, F, _, H, W = x.shape
         text_len = a["encoder_hidden_states"].shape[1]
         return CallFacts((F, H // p, W // p), text_len, B, self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -9,16 +9,15 @@ module's forward ("dispatch-active"). Latents [B, C, F, H, W], grid by ``config.
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 from .wan import wan_grid
 
 
-class CosmosAdapter(ModelAdapter):
+class CosmosAdapter(UncalibratedPreset, ModelAdapter):
     family = "cosmos"
     transformer_classes = ("CosmosTransformer3DModel",)
     text_position = "none"
     attention_route = "dispatch-active"
-    preset_source = conservative_source(35)
     typical_steps = 35
 
     def self_attention_modules(self, transformer):
@@ -28,6 +27,3 @@ class CosmosAdapter(ModelAdapter):
         a = self.bind(transformer, args, kwargs)
         x = a["hidden_states"]
         return CallFacts(wan_grid(transformer, x), 0, x.shape[0], self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -8,15 +8,14 @@ grid (F, H / p, W / p).
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class EasyAnimateAdapter(ModelAdapter):
+class EasyAnimateAdapter(UncalibratedPreset, ModelAdapter):
     family = "easyanimate"
     transformer_classes = ("EasyAnimateTransformer3DModel",)
     text_position = "prefix"
     attention_route = "sdpa"
-    preset_source = conservative_source(50)
     typical_steps = 50
 
     def self_attention_modules(self, transformer):
@@ -28,6 +27,3 @@ class EasyAnimateAdapter(ModelAdapter):
         p = transformer.config.patch_size
         B, _, F, H, W = x.shape
         return CallFacts((F, H // p, W // p), None, B, self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -16,7 +16,7 @@ import weakref
 import torch
 
 from ..methods import TopKConfig
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source, dense_runs_first
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks, dense_runs_first
 
 # Not yet calibrated: no sparse-attention configuration has been published for Flux that we
 # reproduce, so an explicit conservative choice: a quarter of the steps dense (>= 20%) and every
@@ -92,16 +92,11 @@ def image_grid_from_ids(ids: torch.Tensor, num_tokens: int) -> tuple[tuple[int, 
     return (1, H, W), n
 
 
-class ChromaAdapter(FluxAdapter):
+class ChromaAdapter(UncalibratedPreset, FluxAdapter):
     family = "chroma"
     transformer_classes = ("ChromaTransformer2DModel",)
     tokens_note = ""
-
-    preset_source = conservative_source(35)
     typical_steps = 35
-
-    def preset(self):
-        return conservative_preset()
 
     def method_defaults(self, method, target=None):
         return {}

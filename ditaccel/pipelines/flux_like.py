@@ -10,7 +10,7 @@ edit model's reference image) is kept as dense extra tokens (see :mod:`.flux`).
 
 from __future__ import annotations
 
-from .base import conservative_preset, conservative_source
+from .base import UncalibratedPreset
 from .flux import FluxAdapter
 
 FLUX_LIKE = (
@@ -22,12 +22,9 @@ FLUX_LIKE = (
 
 
 def _make(family: str, cls: str, steps: int) -> type:
-    def preset(self):
-        return conservative_preset()
-
-    return type(f"{cls.removesuffix('Transformer2DModel')}Adapter", (FluxAdapter,), {
-        "family": family, "transformer_classes": (cls,), "preset_source": conservative_source(steps), "typical_steps": steps,
-        "tokens_note": "tokens after the image (edit references): dense extra tokens", "preset": preset,
+    return type(f"{cls.removesuffix('Transformer2DModel')}Adapter", (UncalibratedPreset, FluxAdapter), {
+        "family": family, "transformer_classes": (cls,), "typical_steps": steps,
+        "tokens_note": "tokens after the image (edit references): dense extra tokens",
         "method_defaults": lambda self, method, target=None: {}, "__doc__": f"{cls}: Flux's layout (see :mod:`.flux_like`).",
     })
 

@@ -11,15 +11,14 @@ in the dense suffix run, so attention over it is kept as the model computes it. 
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset
 
 
-class HiDreamAdapter(ModelAdapter):
+class HiDreamAdapter(UncalibratedPreset, ModelAdapter):
     family = "hidream"
     transformer_classes = ("HiDreamImageTransformer2DModel",)
     text_position = "suffix"
     attention_route = "sdpa"
-    preset_source = conservative_source(50)
     typical_steps = 50
     tokens_note = "T5 + Llama tokens after the image; non-square padding kept dense"
 
@@ -42,6 +41,3 @@ class HiDreamAdapter(ModelAdapter):
             h, w = (int(s) for s in a["img_sizes"][0])
             grid = (1, h, w)
         return CallFacts(grid, None, x.shape[0], self.scalar_timestep(a.get("timesteps")))
-
-    def preset(self):
-        return conservative_preset()

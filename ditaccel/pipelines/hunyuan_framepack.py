@@ -11,15 +11,14 @@ batches text padding is a key mask. Latents [B, C, F, H, W], grid (F / p_t, H / 
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source, dense_after_prefix
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks, dense_after_prefix
 
 
-class HunyuanFramepackAdapter(ModelAdapter):
+class HunyuanFramepackAdapter(UncalibratedPreset, ModelAdapter):
     family = "hunyuan_framepack"
     transformer_classes = ("HunyuanVideoFramepackTransformer3DModel",)
     text_position = "prefix"
     attention_route = "dispatch"
-    preset_source = conservative_source(50)
     typical_steps = 50
     tokens_note = "history latents before the video, image + text after: one dense run (permuted)"
 
@@ -37,6 +36,3 @@ class HunyuanFramepackAdapter(ModelAdapter):
         image = a["image_embeds"].shape[1] if a.get("image_embeds") is not None else 0
         order = dense_after_prefix(grid[0] * grid[1] * grid[2], image + text)
         return CallFacts(grid, None, B, self.scalar_timestep(a.get("timestep")), token_order=order)
-
-    def preset(self):
-        return conservative_preset()

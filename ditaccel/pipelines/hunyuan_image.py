@@ -10,15 +10,14 @@ patched by ``config.patch_size`` on the trailing axes.
 from __future__ import annotations
 
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class HunyuanImageAdapter(ModelAdapter):
+class HunyuanImageAdapter(UncalibratedPreset, ModelAdapter):
     family = "hunyuan_image"
     transformer_classes = ("HunyuanImageTransformer2DModel",)
     text_position = "suffix"
     attention_route = "dispatch"
-    preset_source = conservative_source(50)
     typical_steps = 50
 
     def self_attention_modules(self, transformer):
@@ -30,6 +29,3 @@ class HunyuanImageAdapter(ModelAdapter):
         sizes = [d // p for d, p in zip(x.shape[2:], transformer.config.patch_size)]
         grid = tuple(sizes) if len(sizes) == 3 else (1, *sizes)
         return CallFacts(grid, None, x.shape[0], self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -12,15 +12,14 @@ key-padding mask whose padded query rows see nothing, which the runtime accepts 
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class HunyuanVideo15Adapter(ModelAdapter):
+class HunyuanVideo15Adapter(UncalibratedPreset, ModelAdapter):
     family = "hunyuan_video15"
     transformer_classes = ("HunyuanVideo15Transformer3DModel",)
     text_position = "suffix"
     attention_route = "dispatch"
-    preset_source = conservative_source(50)
     typical_steps = 50
     tokens_note = "image, ByT5 and MLLM streams after the video, bool padding mask"
 
@@ -33,6 +32,3 @@ class HunyuanVideo15Adapter(ModelAdapter):
         p, pt = transformer.config.patch_size, transformer.config.patch_size_t
         B, _, F, H, W = x.shape
         return CallFacts((F // pt, H // p, W // p), None, B, self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -10,15 +10,14 @@ passes its own block mask: those calls run the model's own attention untouched.
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class Kandinsky5Adapter(ModelAdapter):
+class Kandinsky5Adapter(UncalibratedPreset, ModelAdapter):
     family = "kandinsky5"
     transformer_classes = ("Kandinsky5Transformer3DModel",)
     text_position = "none"
     attention_route = "dispatch"
-    preset_source = conservative_source(50)
     typical_steps = 50
     tokens_note = "with sparse_params (NABLA) the model's own sparse attention runs"
 
@@ -31,6 +30,3 @@ class Kandinsky5Adapter(ModelAdapter):
         pt, ph, pw = transformer.config.patch_size
         B, T, H, W, _ = x.shape
         return CallFacts((T // pt, H // ph, W // pw), 0, B, self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -9,7 +9,7 @@ tokens than the grid and run the model's own attention.
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
 def packed_video_grid(transformer, a) -> tuple[int, int, int]:
@@ -17,12 +17,11 @@ def packed_video_grid(transformer, a) -> tuple[int, int, int]:
     return (int(a["num_frames"]) // pt, int(a["height"]) // p, int(a["width"]) // p)
 
 
-class LTXVideoAdapter(ModelAdapter):
+class LTXVideoAdapter(UncalibratedPreset, ModelAdapter):
     family = "ltx_video"
     transformer_classes = ("LTXVideoTransformer3DModel",)
     text_position = "none"
     attention_route = "dispatch"
-    preset_source = conservative_source(50)
     typical_steps = 50
 
     def self_attention_modules(self, transformer):
@@ -32,6 +31,3 @@ class LTXVideoAdapter(ModelAdapter):
         a = self.bind(transformer, args, kwargs)
         x = a["hidden_states"]
         return CallFacts(packed_video_grid(transformer, a), 0, x.shape[0], self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -10,16 +10,15 @@ Grid: latent ``num_frames``, ``height``, ``width`` over the patch sizes. A ``vid
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 from .ltx import packed_video_grid
 
 
-class LTX2Adapter(ModelAdapter):
+class LTX2Adapter(UncalibratedPreset, ModelAdapter):
     family = "ltx2"
     transformer_classes = ("LTX2VideoTransformer3DModel",)
     text_position = "none"
     attention_route = "dispatch"
-    preset_source = conservative_source(30)
     typical_steps = 30
     tokens_note = "video self-attention only; audio and cross-modal attention dense"
 
@@ -30,6 +29,3 @@ class LTX2Adapter(ModelAdapter):
         a = self.bind(transformer, args, kwargs)
         x = a["hidden_states"]
         return CallFacts(packed_video_grid(transformer, a), 0, x.shape[0], self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -11,15 +11,14 @@ at different offsets: such forwards run the model's own attention. Latents [B, C
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class Lumina2Adapter(ModelAdapter):
+class Lumina2Adapter(UncalibratedPreset, ModelAdapter):
     family = "lumina2"
     transformer_classes = ("Lumina2Transformer2DModel",)
     text_position = "prefix"
     attention_route = "sdpa"
-    preset_source = conservative_source(30)
     typical_steps = 30
     tokens_note = "noise_refiner layers: image tokens only; unequal caption lengths in a batch run dense"
 
@@ -35,6 +34,3 @@ class Lumina2Adapter(ModelAdapter):
         reason = "" if bool((lengths == lengths[0]).all()) else \
             "the samples' caption lengths differ, so their image tokens sit at different offsets"
         return CallFacts((1, H // p, W // p), None, B, self.scalar_timestep(a.get("timestep")), dense_reason=reason)
-
-    def preset(self):
-        return conservative_preset()

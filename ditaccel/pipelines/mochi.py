@@ -8,15 +8,14 @@ beyond the grid). Latents [B, C, F, H, W] patched per frame: grid (F, H / p, W /
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class MochiAdapter(ModelAdapter):
+class MochiAdapter(UncalibratedPreset, ModelAdapter):
     family = "mochi"
     transformer_classes = ("MochiTransformer3DModel",)
     text_position = "suffix"
     attention_route = "sdpa"
-    preset_source = conservative_source(64)
     typical_steps = 64
     tokens_note = "per-sample SDPA calls without padded text"
 
@@ -29,6 +28,3 @@ class MochiAdapter(ModelAdapter):
         p = transformer.config.patch_size
         B, _, F, H, W = x.shape
         return CallFacts((F, H // p, W // p), None, B, self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -9,15 +9,14 @@ follow it and are kept as dense extra keys and queries, planned as one dense run
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source, dense_runs_first
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks, dense_runs_first
 
 
-class QwenImageAdapter(ModelAdapter):
+class QwenImageAdapter(UncalibratedPreset, ModelAdapter):
     family = "qwen_image"
     transformer_classes = ("QwenImageTransformer2DModel",)
     text_position = "prefix"
     attention_route = "dispatch"
-    preset_source = conservative_source(50)
     typical_steps = 50
     tokens_note = "Edit reference images after the image: dense extra tokens; bool text key mask"
 
@@ -36,6 +35,3 @@ class QwenImageAdapter(ModelAdapter):
         order = dense_runs_first(text_len, n_image, extra) if extra > 0 else None
         return CallFacts(grid, text_len + max(extra, 0), x.shape[0], self.scalar_timestep(a.get("timestep")),
                          token_order=order)
-
-    def preset(self):
-        return conservative_preset()

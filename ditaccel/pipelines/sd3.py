@@ -9,15 +9,14 @@ the grid's: the text in ``attn``, none in ``attn2``). Latents [B, C, H, W], grid
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class SD3Adapter(ModelAdapter):
+class SD3Adapter(UncalibratedPreset, ModelAdapter):
     family = "sd3"
     transformer_classes = ("SD3Transformer2DModel",)
     text_position = "suffix"
     attention_route = "sdpa"
-    preset_source = conservative_source(28)
     typical_steps = 28
     tokens_note = "SD3.5 dual-attention attn2: image tokens only"
 
@@ -30,6 +29,3 @@ class SD3Adapter(ModelAdapter):
         p = transformer.config.patch_size
         B, _, H, W = x.shape
         return CallFacts((1, H // p, W // p), None, B, self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 from .wan import wan_grid
 
 _WAN_FORWARD = {"hidden_states", "timestep", "encoder_hidden_states"}
@@ -38,13 +38,12 @@ def has_wan_structure(transformer) -> bool:
     return required <= _WAN_FORWARD and _WAN_FORWARD <= {p.name for p in params}
 
 
-class WanDerivedAdapter(ModelAdapter):
+class WanDerivedAdapter(UncalibratedPreset, ModelAdapter):
     family = "wan_derived"
     transformer_classes = ("SkyReelsV2Transformer3DModel", "ChronoEditTransformer3DModel")
     pipeline_attrs = ("transformer", "transformer_2")
     text_position = "none"
     attention_route = "dispatch"
-    preset_source = conservative_source(50)
     typical_steps = 50
     tokens_note = "video tokens only; classes with Wan's structure are accepted by structure"
 
@@ -58,9 +57,6 @@ class WanDerivedAdapter(ModelAdapter):
         a = self.bind(transformer, args, kwargs)
         x = a["hidden_states"]
         return CallFacts(wan_grid(transformer, x), 0, x.shape[0], self.scalar_timestep(a.get("timestep")))
-
-    def preset(self):
-        return conservative_preset()
 
 
 class HeliosAdapter(WanDerivedAdapter):

@@ -11,15 +11,14 @@ attention.
 
 from __future__ import annotations
 
-from .base import CallFacts, ModelAdapter, blocks, conservative_preset, conservative_source
+from .base import CallFacts, ModelAdapter, UncalibratedPreset, blocks
 
 
-class ZImageAdapter(ModelAdapter):
+class ZImageAdapter(UncalibratedPreset, ModelAdapter):
     family = "z_image"
     transformer_classes = ("ZImageTransformer2DModel",)
     text_position = "suffix"
     attention_route = "dispatch"
-    preset_source = conservative_source(50)
     typical_steps = 50
     tokens_note = "image pad tokens and caption after the image; omni mode runs dense"
 
@@ -35,6 +34,3 @@ class ZImageAdapter(ModelAdapter):
         p, pf = a.get("patch_size", 2), a.get("f_patch_size", 1)
         _, F, H, W = x[0].shape
         return CallFacts((F // pf, H // p, W // p), None, len(x), t)
-
-    def preset(self):
-        return conservative_preset()
