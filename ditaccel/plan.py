@@ -17,9 +17,10 @@ Two builders classify block pairs exactly, once per shape (plans are cached by t
 Key-only conditions (empty slots; a call's text-key padding) are per-key facts, not per-pair ones.
 A plan carries them as ``key_valid`` ([n_slots] bool) next to ``pattern_block_mask``, whose partial
 blocks are only those the *pattern* cuts; ``call_key_valid`` combines a call's key padding with
-them into the one per-key tensor an executor's ``key_valid`` argument takes. ``block_mask`` (the
-self-contained form: blocks holding empty slots are partial there, masked by ``mask_mod``) stays
-what executors without a ``key_valid`` argument run.
+them into the one per-key tensor an executor's ``key_valid`` argument takes: that pair is what the
+runtime runs for static plans. ``block_mask`` is the self-contained form (blocks holding empty slots
+are partial there, masked by ``mask_mod``): what the runtime runs for plans without a pattern-only
+form (per-call selections), with the same ``key_valid``.
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ class SparsePlan:
         slot order, Hm 1 or the heads; any key, text or video, may be dropped).
 
         A block holding a dropped key stops being full (the mask is applied token by token there);
-        a block whose every key is dropped is not computed at all. This builds a BlockMask per
-        call: it is the path of executors without a ``key_valid`` argument, to be replaced by
-        ``pattern_block_mask`` + ``call_key_valid`` once they take one.
+        a block whose every key is dropped is not computed at all. One BlockMask per call: the
+        runtime does not use it (it runs ``pattern_block_mask`` with ``call_key_valid`` as the
+        executor's ``key_valid``); it is the self-contained statement of that pair's meaning, which
+        ``tests/test_plan_call_inputs.py`` checks the pair against.
         """
         bs, nb = self.layout.block_size, self.layout.num_blocks
         n = key_valid.shape[-1]

@@ -41,11 +41,6 @@ class ForwardInfo:
     dense_steps: int | None = None  # this pipeline call's dense-step count (None: the config's own)
     total_steps: int | None = None  # this pipeline call's step count (None: unknown)
 
-    @property
-    def seq_len(self) -> int:
-        T, H, W = self.grid
-        return T * H * W + self.text_len
-
 
 class StrictModeError(RuntimeError):
     """``accelerate(..., strict=True)``: a call fell back to the model's attention or bypassed ditaccel."""

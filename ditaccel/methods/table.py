@@ -53,22 +53,6 @@ class HeadwisePlan(SparsePlan):
 
     head_allowed: object = None
 
-    def with_key_padding(self, key_valid):
-        from torch.nn.attention.flex_attention import BlockMask
-
-        bm = super().with_key_padding(key_valid)
-        n = key_valid.shape[-1]
-        per_head = key_valid.shape[1] > 1
-        allowed = self.head_allowed
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            kv = kv_idx.clamp(max=n - 1)
-            return allowed(b, h, q_idx, kv_idx) & (key_valid[b, h, kv] if per_head else key_valid[b, 0, kv])
-
-        return BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-                                        BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=bm.seq_lengths,
-                                        compute_q_blocks=False)  # inference: no backward lists
-
 
 def _as4(x: torch.Tensor) -> torch.Tensor:
     while x.dim() < 4:
