@@ -213,6 +213,7 @@ class TransformerRuntime:
         self.current: ForwardInfo | None = None
         self._mask_cache: dict = {}
         self.slot_validity: dict = {}  # per forward: see PlanExecutor.slot_validity
+        self._orders: dict = {}  # per forward: see planning_order
         self._last_step = -1
         self.detached = False  # ditaccel (compose): set by handle.remove(); hooks pass through after
         self.strict = False  # accelerate(strict=True): any fallback or bypass raises StrictModeError
@@ -228,6 +229,7 @@ class TransformerRuntime:
         self.current = self._with_schedule(call)
         self._mask_cache = {}
         self.slot_validity = {}
+        self._orders = {}
 
     def _with_schedule(self, call: ForwardInfo) -> ForwardInfo:
         """``call`` with the pipeline call's step count and its resolved dense-step count."""
@@ -238,6 +240,19 @@ class TransformerRuntime:
         noise = self.clock.noise_levels(total) if config.dense_above_noise is not None else None
         return dataclasses.replace(call, total_steps=total, dense_steps=config.dense_step_count(total, noise))
 
+    def planning_order(self, order, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, inverse) on ``device`` for the adapter's token order of this forward (a tensor, or a
+        function of the call's length), built once per forward: every layer sees the same order."""
+        key = (id(order), seq_len, str(device))
+        hit = self._orders.get(key)
+        if hit is not None and hit[0] is order:
+            return hit[1], hit[2]
+        planned = (order(seq_len) if callable(order) else order).to(device)
+        inverse = torch.empty_like(planned)
+        inverse[planned] = torch.arange(planned.numel(), device=device)
+        self._orders[key] = (order, planned, inverse)  # held: the id stays unique
+        return planned, inverse
+
     def reset(self) -> None:
         """A pipeline call ended: drop this transformer's cross-step state."""
         self.store.reset(self.name)
@@ -247,6 +262,7 @@ class TransformerRuntime:
         self.current = None
         self._mask_cache = {}
         self.slot_validity = {}
+        self._orders = {}
 
     def read_mask(self, attn_mask: torch.Tensor, batch: int, heads: int, seq_len: int) -> MaskReading:
         """What ``attn_mask`` does to this forward's calls (``masks.read_mask``).
@@ -303,20 +319,16 @@ class AttentionSite:
             T, H_, W = call.grid
             call = dataclasses.replace(call, text_len=max(S - T * H_ * W, 0))
         order = call.token_order
-        if callable(order):  # the order depends on the call's length (a prefix of unknown length)
-            order = order(S) if S >= call.grid[0] * call.grid[1] * call.grid[2] else None
-            if order is None:
-                return self._attend(call, q, k, v, attn_mask, scale, dense)  # too short: the checks go dense
+        if callable(order) and S < call.grid[0] * call.grid[1] * call.grid[2]:
+            order = None  # an order of the call's length, but too short for the grid: the checks go dense
         if order is None:
             return self._attend(call, q, k, v, attn_mask, scale, dense)
+        order, inverse = rt.planning_order(order, S, q.device)
         if order.numel() != S or k.shape[1] != S:
             self._warn_once(f"sequence of {S} tokens does not match the adapter's token order of {order.numel()}",
                             flops)
             return dense()
         # Extra dense tokens on both sides of the grid's: plan in the order that makes them one run.
-        order = order.to(q.device)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(S, device=q.device)
         q, k, v = (x.index_select(1, order) for x in (q, k, v))
         if isinstance(attn_mask, torch.Tensor):
             attn_mask = _reorder_mask(attn_mask, order, S)
