@@ -22,7 +22,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
 from .compiled import SITE_ATTR, TRACING
 from .intercept import ProcessorKind, SDPAIntercept, active_backend, bypass_reason, current_site
-from .parallel import context_parallel, unsupported
+from .parallel import context_parallel, inputs_split_before, unsupported, unsupported_forward
 from .runtime import AttentionSite, ForwardInfo, StrictModeError, TransformerRuntime
 
 STEP_HOOK = "ditaccel_step"
@@ -69,10 +69,22 @@ class StepHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         if self.runtime.detached:  # removed, but a wrapper we could not see still calls us
             return self.fn_ref.original_forward(*args, **kwargs)
-        reason = unsupported(context_parallel(module), self.adapter.text_position)
+        cp = context_parallel(module)
+        reason = unsupported(cp, self.adapter.text_position, self.adapter.context_parallel_streams)
         if reason is not None:  # enable_parallelism after accelerate: refuse before anything runs
             raise ValueError(f"ditaccel: {self.runtime.name}: {reason}; remove() ditaccel or disable parallelism")
+        split = inputs_split_before(module, STEP_HOOK) if cp is not None else []
+        if split:  # enable_parallelism after accelerate, and the plan splits the inputs the facts are read from
+            raise ValueError(f"ditaccel: {self.runtime.name}: enable_parallelism was called after accelerate and the "
+                             f"context-parallel plan of {type(module).__name__} splits its own inputs ({', '.join(split)}) "
+                             "before ditaccel's step hook reads the token grid from them; call enable_parallelism "
+                             "before accelerate (or remove() ditaccel, enable_parallelism, then accelerate again)")
         facts = self.adapter.call_facts(module, args, kwargs)
+        reason = unsupported_forward(cp, type(module).__name__, facts.grid, facts.text_len,
+                                     facts.text_position or self.adapter.text_position, facts.token_order,
+                                     facts.dense_reason)
+        if reason is not None:  # what only this forward's shape shows: refused before its first block
+            raise ValueError(f"ditaccel: {self.runtime.name}: {reason}; remove() ditaccel or disable parallelism")
         branch, state, step_index = self._branch_state()
         shape = (facts.grid, facts.text_len, facts.batch)
         t = facts.timestep
