@@ -175,6 +175,7 @@ def test_ulysses_and_ring_match_single_process_sparse_on_joint_attention_models(
         for family in FAMILIES:
             tokens = 384 + (8 if family != "wan" else 0)  # the latent grid, and the 8 text tokens of joint models
             for name in (*METHODS, *(("table",) if family == "wan" else ())):
+                print(rank, family, "single process", name, "sparse vs dense", out[(family, "single", name)])
                 assert out[(family, "single", name)] > 1e-3, (family, name)  # sparse, not dense
                 for mode in MODES:
                     if name == "table" and mode == "ring":
