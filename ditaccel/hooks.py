@@ -22,7 +22,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
 from .compiled import SITE_ATTR, TRACING
 from .intercept import ProcessorKind, SDPAIntercept, active_backend, bypass_reason, current_site
-from .parallel import context_parallel, inputs_split_before, unsupported, unsupported_forward
+from .parallel import context_parallel, unsupported, unsupported_forward, whole_inputs
 from .runtime import AttentionSite, ForwardInfo, StrictModeError, TransformerRuntime
 
 STEP_HOOK = "ditaccel_step"
@@ -73,13 +73,10 @@ class StepHook(ModelHook):
         reason = unsupported(cp, self.adapter.text_position, self.adapter.context_parallel_streams)
         if reason is not None:  # enable_parallelism after accelerate: refuse before anything runs
             raise ValueError(f"ditaccel: {self.runtime.name}: {reason}; remove() ditaccel or disable parallelism")
-        split = inputs_split_before(module, STEP_HOOK) if cp is not None else []
-        if split:  # enable_parallelism after accelerate, and the plan splits the inputs the facts are read from
-            raise ValueError(f"ditaccel: {self.runtime.name}: enable_parallelism was called after accelerate and the "
-                             f"context-parallel plan of {type(module).__name__} splits its own inputs ({', '.join(split)}) "
-                             "before ditaccel's step hook reads the token grid from them; call enable_parallelism "
-                             "before accelerate (or remove() ditaccel, enable_parallelism, then accelerate again)")
-        facts = self.adapter.call_facts(module, args, kwargs)
+        # enable_parallelism after accelerate: a plan that splits the transformer's own inputs (Flux) split
+        # them before this hook; the facts are read from the whole inputs, gathered back
+        whole_args, whole_kwargs = whole_inputs(module, STEP_HOOK, args, kwargs) if cp is not None else (args, kwargs)
+        facts = self.adapter.call_facts(module, whole_args, whole_kwargs)
         reason = unsupported_forward(cp, type(module).__name__, facts.grid, facts.text_len,
                                      facts.text_position or self.adapter.text_position, facts.token_order,
                                      facts.dense_reason)

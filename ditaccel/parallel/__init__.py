@@ -9,7 +9,10 @@ the whole sequence of a rank's heads: methods plan each head from that head's q 
 plan of every head is the one a single process makes for it, and the output is the single-process
 output. Joint-attention models (text tokens in self-attention: Flux, HunyuanVideo) have their text
 and latent streams split separately by diffusers; ``order.py`` maps the resulting sequence onto the
-model's own order before the plan and back after. Per-head state sees global head indices.
+model's own order before the plan and back after. Per-head state sees global head indices. Either
+order of ``enable_parallelism`` and ``accelerate`` works: when a plan splits the transformer's own
+inputs before ditaccel's step hook reads them (Flux, parallelism enabled second), the hook reads its
+facts from the inputs gathered back (``whole_inputs``).
 
 What is refused, before the first step (or, for what only an attention call shows, at the first
 attention call, before any output), with the reason:
@@ -21,6 +24,8 @@ attention call, before any output), with the reason:
 """
 
 from __future__ import annotations
+
+import torch
 
 from .attend import ring_attend, ulysses_attend
 
@@ -81,20 +86,43 @@ def unsupported_forward(cp, model: str, grid, text_len, text_position: str, toke
     return None
 
 
-def inputs_split_before(module, hook_name: str) -> list[str]:
-    """The inputs of ``module`` that a context-parallel split hook registered after ``hook_name`` (so
-    running before it) splits, timesteps aside: a hook registered earlier then sees a rank's piece of
-    them, not the whole forward (e.g. Flux's plan splits the transformer's own inputs)."""
+def _split_hooks_before(module, hook_name: str) -> list:
+    """diffusers' context-parallel split hooks on ``module`` registered after ``hook_name``: they run
+    before it, so a hook registered earlier (ditaccel's step hook, when enable_parallelism came after
+    accelerate) sees a rank's piece of the inputs they split (e.g. Flux's plan splits the
+    transformer's own inputs)."""
     registry = getattr(module, "_diffusers_hook", None)
     order = list(getattr(registry, "_hook_order", ()))
     if hook_name not in order:
         return []
-    names = []
-    for name in order[order.index(hook_name) + 1:]:
-        if name.startswith("cp_input---"):
-            metadata = getattr(registry.get_hook(name), "metadata", {}) or {}
-            names += [str(k) for k in metadata if k not in ("timestep", "timesteps")]
-    return names
+    return [registry.get_hook(name) for name in order[order.index(hook_name) + 1:] if name.startswith("cp_input---")]
+
+
+def whole_inputs(module, hook_name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``module``'s forward arguments as its caller passed them: every tensor a split hook that runs before
+    ``hook_name`` (``_split_hooks_before``) split is gathered back over the context-parallel mesh (a
+    collective: every rank calls it); the arguments themselves when no such hook split anything."""
+    from diffusers.hooks.context_parallel import (
+        ContextParallelInput,
+        EquipartitionSharder,
+    )
+
+    for hook in _split_hooks_before(module, hook_name):
+        args, kwargs = list(args), dict(kwargs)
+        for name, cpm in hook.metadata.items():
+            if not isinstance(cpm, ContextParallelInput) or cpm.split_output:
+                continue  # outputs split after the module ran (or a per-element list): not an input piece
+            value, is_kwarg, index = hook.module_forward_metadata._get_parameter_from_args_kwargs(name, args, kwargs)
+            if not isinstance(value, torch.Tensor) or (cpm.expected_dims is not None
+                                                       and value.dim() != cpm.expected_dims):
+                continue  # diffusers' split left it whole
+            whole = EquipartitionSharder.unshard(value, cpm.split_dim, hook.parallel_config._flattened_mesh)
+            if is_kwarg:
+                kwargs[name] = whole
+            else:
+                args[index] = whole
+        args = tuple(args)
+    return args, kwargs
 
 
 def merged_stats(handle, group=None) -> dict:
@@ -125,5 +153,5 @@ def merged_stats(handle, group=None) -> dict:
     return merged
 
 
-__all__ = ["context_parallel", "merged_stats", "ring_attend", "inputs_split_before", "ulysses_attend", "unsupported",
-           "unsupported_forward"]
+__all__ = ["context_parallel", "merged_stats", "ring_attend", "ulysses_attend", "unsupported", "unsupported_forward",
+           "whole_inputs"]

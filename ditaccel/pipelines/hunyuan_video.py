@@ -60,7 +60,10 @@ def cp_plan() -> dict:
     over text only), the RoPE tables of the latent tokens likewise, the output gathered at ``proj_out``;
     the attention mask ([B, 1, 1, latent + text], built before the blocks) stays whole, in the
     model's order, which is how ditaccel's backend reads a mask of the whole length."""
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+    from diffusers.models._modeling_parallel import (
+        ContextParallelInput,
+        ContextParallelOutput,
+    )
 
     stream = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
     rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
