@@ -65,9 +65,7 @@ def _attend_whole_sequence(site, q, k, v, mask, mask_parallel_order: bool, scale
 
 def ulysses_attend(site, query, key, value, attn_mask, scale, parallel_config):
     """One attention call under Ulysses: diffusers' all-to-all, ditaccel's plan on the whole sequence."""
-    from diffusers.models.attention_dispatch import (
-        _templated_context_parallel_attention,
-    )
+    from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
     cp = parallel_config.context_parallel_config
     degree = cp.ulysses_degree

@@ -43,6 +43,8 @@ class SequenceMap:
         puts a parallel-order sequence into model order, ``y.index_select(1, to_parallel)`` puts it back."""
         key = (seq_len, text_len, text_position, degree, str(device))
         if key not in self._cache:
+            if len(self._cache) >= 64:  # a few shapes per pipeline; bound what a long-lived process keeps
+                self._cache.clear()
             positions = parallel_positions(seq_len, text_len, text_position, degree)
             if positions is None:
                 self._cache[key] = None
