@@ -44,8 +44,10 @@ class CrossStepCaches:
     def run(self, ctx, q, k, executor, dense):
         """(output [B, S, H, D], outcome "dense" | "sparse" | "reuse", density) for one call."""
         cfg = self.config
-        shared = self._shared(ctx)
+        shared, source = self._shared(ctx)
         if shared is not None:
+            if source == "cfg":  # what this (layer, branch) produced at this step: a later output share reuses it
+                self._remember(ctx, shared)
             return shared, "reuse", 0.0
 
         plan = self.method.decide(ctx, q, k)
@@ -76,11 +78,12 @@ class CrossStepCaches:
 
     # --- sharing ---------------------------------------------------------------------------------
     def _shared(self, ctx):
+        """(the output to return instead of attention, "output" | "cfg"), or (None, None)."""
         cfg = self.config
         if cfg.shares_output_at(ctx.layer, ctx.step, ctx.total_steps):
             last = ctx.state.get("last_output")
             if last is not None:
-                return last
+                return last, "output"
         if cfg.shares_cfg_at(ctx.layer, ctx.step, ctx.total_steps):
             if ctx.branch not in (COND, UNCOND):
                 self._warn_branch(ctx.branch)
@@ -88,8 +91,8 @@ class CrossStepCaches:
                 cond = ctx.store.peek(ctx.transformer, ctx.layer, COND, ctx.shape_key)
                 stored = cond.get("cfg_output") if cond is not None else None
                 if stored is not None and stored[0] == ctx.step:
-                    return stored[1]
-        return None
+                    return stored[1], "cfg"
+        return None, None
 
     def _remember(self, ctx, out) -> None:
         cfg = self.config

@@ -92,6 +92,25 @@ def test_cfg_share_uses_the_cond_output_of_the_same_step_only():
             assert outcome != "reuse" and out_u is unc
 
 
+def test_an_output_share_after_a_cfg_share_reuses_what_the_branch_returned_there():
+    """The uncond branch's output at a cfg-shared step is the cond output; an output share at the next
+    step must reuse that, not an older step's own output (which made every chain of cfg shares and
+    output shares stale by many steps)."""
+    cfg = ditaccel.TileConfig(dense_steps=5, cfg_share_steps=(1, 2), output_share_steps=(3,))
+    caches, store = CrossStepCaches(cfg, FakeMethod(cfg)), StateStore(cfg.cache_budget_mb)
+    q = torch.randn(1, 128, 2, 8)
+    got = {}
+    for step in range(5):
+        for branch in ("cond", "uncond"):
+            own = torch.randn(1, 128, 2, 8)
+            out, outcome, _ = caches.run(make_ctx(store, step, branch), q, q, FakeExecutor(own), lambda: own)
+            got[(step, branch)] = (out, outcome, own)
+    assert [got[(s, "uncond")][1] for s in range(5)] == ["dense", "reuse", "reuse", "reuse", "dense"]
+    assert got[(2, "uncond")][0] is got[(2, "cond")][0]
+    assert got[(3, "uncond")][0] is got[(2, "cond")][0]  # step 2's shared output, not step 0's own
+    assert got[(3, "cond")][0] is got[(2, "cond")][0]
+
+
 def test_residual_cache_refreshes_every_n_sparse_steps():
     cfg = ditaccel.TileConfig(dense_steps=1, residual_refresh=2)
     caches, store = CrossStepCaches(cfg, FakeMethod(cfg)), StateStore(cfg.cache_budget_mb)
