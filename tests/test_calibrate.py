@@ -164,3 +164,79 @@ def test_calibrate_meets_its_target_and_resumes_from_its_state(tmp_path):
     lines.clear()
     with pytest.raises(ValueError, match="prompts"):
         ditaccel.calibrate(pipe, [], say=lines.append, **kw)
+
+
+def test_cache_errors_are_measured_on_the_guided_output():
+    """With guidance g the pipeline uses u + g (c - u): a cfg share (u := c) errs by (g - 1)(c - u) of it,
+    an output share by the change of the guided output; without guidance both are per branch."""
+    torch.manual_seed(3)
+    shape = (1, 5, 2, 4)
+    outs = {(0, b, 0, s): torch.randn(shape, dtype=torch.float64) for b in ("cond", "uncond") for s in range(2)}
+    for g in (1.0, 5.0):
+        p = Profile(steps=2, layers=1, heads=2, ranges=step_ranges(2, 1), candidates=[], guidance=g, runs=1)
+        p.outputs = dict(outs)
+        c, u = outs[(0, "cond", 0, 1)], outs[(0, "uncond", 0, 1)]
+        if g > 1:
+            guided = lambda s: outs[(0, "uncond", 0, s)] + g * (outs[(0, "cond", 0, s)] - outs[(0, "uncond", 0, s)])  # noqa: E731
+            cfg = float(((g - 1) * (c - u)).norm() / guided(1).norm())
+            reuse = float((guided(0) - guided(1)).norm() / guided(1).norm())
+        else:
+            cfg = float((c - u).norm() / u.norm())
+            num = sum(float((outs[(0, b, 0, 0)] - outs[(0, b, 0, 1)]).pow(2).sum()) for b in ("cond", "uncond"))
+            den = sum(float(outs[(0, b, 0, 1)].pow(2).sum()) for b in ("cond", "uncond"))
+            reuse = (num / den) ** 0.5
+        assert p.cfg_error(0, 1) == pytest.approx(cfg, rel=1e-9)
+        assert p.reuse_error(0, 0, 1) == pytest.approx(reuse, rel=1e-9)
+
+
+def test_candidates_slower_than_dense_are_dropped_and_never_selected():
+    pipe = pipe_for("wan")
+    cands = make_candidates(TOY, block_size=64)
+    profile = Profile(steps=STEPS, layers=2, heads=2, ranges=step_ranges(STEPS, 1), candidates=[c.name for c in cands])
+    profiler = Profiler(profile, cands, sample_rows=32, block_size=64, drop_slower=True)
+    with ditaccel.accelerate(pipe, "dense") as handle:
+        handle.observe(profiler)
+        pipe(**dict(_call(pipe), **_prompt(pipe, 1)), output_type="latent")
+    assert set(profile.cost_ms) == {"dense", *(c.name for c in cands[1:])}
+    slower = {n for n, ms in profile.cost_ms.items() if n != "dense" and ms >= profile.cost_ms["dense"]}
+    assert set(profile.dropped) == slower and all("ms dense" in why for why in profile.dropped.values())
+    assert {c.name for c in profiler.candidates} == {c.name for c in cands[1:]} - slower
+    sel = select(profile, cands, 1e9, cost="time", min_dense_steps=0)  # any error allowed: only cost decides
+    assert not slower & set(sel.attention.values())
+
+
+@pytest.mark.parametrize("unit", ["step", "layer"])
+def test_share_selection_keeps_the_dense_steps_and_shares_only_within_budget(unit):
+    torch.manual_seed(5)
+    S, L = 12, 3
+    p = Profile(steps=S, layers=L, heads=2, ranges=step_ranges(S, 2), candidates=[], guidance=4.0, runs=1)
+    drift = torch.rand(S) * 0.3  # how far each step's output moves from the last one
+    for l in range(L):
+        o = {b: torch.randn(1, 6, 2, 4, dtype=torch.float64) for b in ("cond", "uncond")}
+        for s in range(S):
+            for b in ("cond", "uncond"):
+                o[b] = o[b] + drift[s] * torch.randn_like(o[b])
+                p.outputs[(0, b, l, s)] = o[b].clone()
+    cands = make_candidates(["share", "cfg_share"])
+    lead, tail, counts = 3, 2, []
+    for budget in (0.05, 0.15, 0.4):
+        sel = select(p, cands, budget, cost="time", min_dense_steps=lead, final_dense_steps=tail, share_unit=unit)
+        for l in range(L):
+            shared = sel.share.get(l, [])
+            assert all(lead <= s < S - tail for s in shared)
+            last = None
+            for s in range(S):
+                err = p.reuse_error(None if unit == "step" else l, last, s) if last is not None else float("inf")
+                if s in shared:
+                    assert err <= budget
+                else:
+                    assert not (lead <= s < S - tail) or err > budget  # greedy: a step within budget is shared
+                    last = s
+            for s in sel.cfg_share.get(l, []):  # cfg shares within budget, never where the share covers both
+                assert s not in shared and p.cfg_error(l, s) <= budget and lead <= s < S - tail
+        if unit == "step":
+            assert len({tuple(sel.share.get(l, [])) for l in range(L)}) == 1
+        counts.append(sum(map(len, sel.share.values())))
+    assert counts[0] < counts[-1] and counts[-1] > 0  # a larger budget shares more
+    with pytest.raises(ValueError, match="share_unit"):
+        select(p, cands, 0.1, share_unit="head")

@@ -8,6 +8,15 @@ under the candidate's plan (token by token: full blocks, partial blocks through 
 dense outputs of every step are kept, so the error of reusing an earlier step's output (output
 share) or the conditional branch's (cfg share) is known for any choice the search makes.
 
+With classifier-free guidance (``guidance`` > 1) the cache errors are measured on what the
+pipeline actually uses, the guided combination ``g = u + s (c - u)`` of the two branches'
+outputs: a cfg share sets ``u = c``, so ``g`` becomes ``c`` and the error is ``(s - 1) |c - u|``,
+(s - 1) times the raw branch difference (at s = 5, a branch difference of 2% is an 8% error of the
+guided output; judged raw, cfg shares looked four times cheaper in quality than they were).
+
+Candidates that cost more per call than dense attention (measured at the first profiled call) are
+dropped from the rest of the profile when the search prices by time: dense, error 0, beats them.
+
 Errors are relative L2 over the sampled rows, accumulated over calls, batches, branches and
 prompts as ``sum ||o_c - o||^2 / sum ||o||^2`` per cell.
 """
@@ -50,6 +59,8 @@ class Profile:
     cost_ms: dict = dataclasses.field(default_factory=dict)  # candidate name -> ms per call ("dense" too)
     runs: int = 0
     grid: list | None = None  # the token grid (T, H, W) the runs had
+    guidance: float = 1.0  # the call's guidance scale (> 1: the cache errors are on the guided output)
+    dropped: dict = dataclasses.field(default_factory=dict)  # candidate -> why it was not profiled
 
     def range_of(self, step: int) -> int:
         return next(i for i, (a, b) in enumerate(self.ranges) if a <= step < b)
@@ -66,21 +77,38 @@ class Profile:
         n = self.count.get((l, h, r), 0)
         return self.mass.get((cand, l, h, r), 0.0) / n if n else 1.0
 
-    def reuse_error(self, l: int, source: int, step: int) -> float:
-        """Relative error, over every run and branch, of returning step ``source``'s output at ``step``."""
+    def _output(self, run, branch, l, s):
+        """The sampled output the pipeline uses: per branch, or guided (``u + g (c - u)``) when asked."""
+        if branch != "guided":
+            return self.outputs.get((run, branch, l, s))
+        c, u = self.outputs.get((run, "cond", l, s)), self.outputs.get((run, "uncond", l, s))
+        return None if c is None or u is None else u + self.guidance * (c - u)
+
+    def _branches(self) -> tuple:
+        return ("guided",) if self.guidance > 1 and self.has_uncond() else \
+            tuple(sorted({k[1] for k in self.outputs}))
+
+    def reuse_error(self, l: int | None, source: int, step: int) -> float:
+        """Relative error, over every run (and branch, or the guided output), of returning step
+        ``source``'s output at ``step``: of layer ``l``, or of every layer together (None)."""
         num = den = 0.0
-        for (run, branch, ll, s), o in self.outputs.items():
-            if ll != l or s != step:
-                continue
-            src = self.outputs.get((run, branch, l, source))
-            if src is None:
-                return float("inf")
-            num += float((src - o).pow(2).sum())
-            den += float(o.pow(2).sum())
+        layers = range(self.layers) if l is None else (l,)
+        for run in range(max(self.runs, 1 + max((k[0] for k in self.outputs), default=-1))):
+            for branch in self._branches():
+                for ll in layers:
+                    o = self._output(run, branch, ll, step)
+                    if o is None:
+                        continue
+                    src = self._output(run, branch, ll, source)
+                    if src is None:
+                        return float("inf")
+                    num += float((src - o).pow(2).sum())
+                    den += float(o.pow(2).sum())
         return (num / den) ** 0.5 if den > 0 else float("inf")
 
     def cfg_error(self, l: int, step: int) -> float:
-        """Relative error of giving the unconditional branch the conditional branch's output."""
+        """Relative error of giving the unconditional branch the conditional branch's output: of the
+        guided output (``(g - 1) |c - u| / |u + g (c - u)|``) with guidance, else of the branch."""
         num = den = 0.0
         for (run, branch, ll, s), o in self.outputs.items():
             if branch != "uncond" or ll != l or s != step:
@@ -88,8 +116,10 @@ class Profile:
             cond = self.outputs.get((run, "cond", l, step))
             if cond is None:
                 return float("inf")
-            num += float((cond - o).pow(2).sum())
-            den += float(o.pow(2).sum())
+            g = max(self.guidance, 1.0)
+            ref = o + g * (cond - o) if g > 1 else o
+            num += float(((g - 1.0 if g > 1 else 1.0) * (cond - o)).pow(2).sum())
+            den += float(ref.pow(2).sum())
         return (num / den) ** 0.5 if den > 0 else float("inf")
 
     def has_uncond(self) -> bool:
@@ -151,13 +181,13 @@ class Profiler:
     """An observer (``handle.observe``) that fills a :class:`Profile`."""
 
     def __init__(self, profile: Profile, candidates: list[Candidate], *, sample_rows: int = 64, seed: int = 0,
-                 block_size: int = 64, time_step: int | None = None, steps_per_range: int | None = None,
-                 candidate_runs: int | None = None, on_call=None):
+                 block_size: int = 64, steps_per_range: int | None = None,
+                 candidate_runs: int | None = None, on_call=None, drop_slower: bool = False):
         self.profile = profile
         self.candidates = [c for c in candidates if c.config is not None]
         self.methods = {c.name: make_method(c.config) for c in self.candidates}
         self.sample_rows, self.seed, self.block_size = sample_rows, seed, block_size
-        self.time_step = profile.steps // 2 if time_step is None else time_step
+        self.drop_slower = drop_slower  # cost "time": candidates slower than dense are not profiled further
         # Candidates are measured at a few steps of each range and on one CFG branch (their errors
         # barely differ between neighbouring steps and between branches; the dense outputs the caches'
         # errors need are kept at every step and branch): None measures every call.
@@ -167,7 +197,6 @@ class Profiler:
             for a, b in profile.ranges:
                 n = min(steps_per_range, b - a)
                 self.measured_steps |= {a + (i * (b - a)) // n for i in range(n)}
-            self.measured_steps.add(self.time_step)
         self._branch = None
         self.candidate_runs = candidate_runs  # runs (prompts) on which candidates are measured (None: all)
         self.run = 0
@@ -204,6 +233,10 @@ class Profiler:
                 if measure:
                     p.err_den[(l, h, r)] += float(dense_sq[h])
                     p.count[(l, h, r)] += 1
+            timing = measure and self.run == 0 and l == 0 and "dense" not in p.cost_ms
+            if timing:  # the first measured call prices every candidate against dense attention
+                p.cost_ms["dense"] = _time_call(lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
             for cand in self.candidates if measure else ():
                 method = self.methods[cand.name]
                 store = self._stores[(self.run, cand.name)]
@@ -211,6 +244,8 @@ class Profiler:
                                   state=store.state("transformer", l, branch, (shape, B, H)), store=store,
                                   values=v, total_steps=p.steps)
                 plan = method.plan_for(ctx, q, k)
+                if timing:
+                    p.cost_ms[cand.name] = _time_call(lambda: _run_plan(method, ctx, plan, q, k, v))
                 out, mass, density = candidate_rows(plan, q, k, v, rows, scale)
                 err_sq = (out - dense).pow(2).sum(dim=(0, 1, 3))
                 for h in range(H):
@@ -218,11 +253,13 @@ class Profiler:
                     p.err_num[key] += float(err_sq[h])
                     p.mass[key] += float(mass[h])
                     p.density[key] += float(density[h])
-                if self.run == 0 and l == 0 and s == self.time_step:
-                    p.cost_ms[cand.name] = _time_call(lambda: _run_plan(method, ctx, plan, q, k, v))
-            if self.run == 0 and l == 0 and s == self.time_step and "dense" not in p.cost_ms:
-                p.cost_ms["dense"] = _time_call(lambda: torch.nn.functional.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
+            if timing and self.drop_slower:
+                for cand in list(self.candidates):
+                    ms = p.cost_ms[cand.name]
+                    if ms >= p.cost_ms["dense"]:
+                        p.dropped[cand.name] = (f"{ms:.1f} ms per call against {p.cost_ms['dense']:.1f} ms dense: "
+                                                f"never cheaper than dense, which has no error")
+                        self.candidates.remove(cand)
         if self.on_call is not None:
             self.on_call()
 

@@ -51,6 +51,15 @@ def parse_target(target) -> tuple[str, float]:
     return kind, float(value)
 
 
+def _step_count(name: str, value, steps: int) -> int:
+    """A step count, or a fraction of ``steps`` (a float in [0, 1)), as a count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+            isinstance(value, float) and value >= 1):
+        raise ValueError(f"{name} must be a step count (int >= 0) or a fraction of the steps (float in [0, 1)), "
+                         f"got {value!r}")
+    return int(value) if isinstance(value, int) else int(round(value * steps))
+
+
 def call_for(call: dict, prompt) -> dict:
     """The pipeline call for one calibration prompt: a string is ``prompt=``, a dict adds its arguments."""
     return dict(call, **prompt) if isinstance(prompt, dict) else dict(call, prompt=prompt)
@@ -105,7 +114,8 @@ class _State:
 def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: float = 10.0, candidates=None,
               call: dict | None = None, seed: int = 0, step_parts: int = 4, sample_rows: int = 64,
               steps_per_range: int | None = 2, candidate_prompts: int | None = 1,
-              cost: str = "time", margin: float = 0.5, min_dense_steps: int = 1, block_size: int = 64,
+              cost: str = "time", margin: float = 0.5, min_dense_steps: int | float = 0.2,
+              final_dense_steps: int | float = 1, share_unit: str = "step", block_size: int = 64,
               state_path=None, out=None, progress: bool = True, say=None) -> dict:
     """Calibrate a ``TableConfig`` for ``pipe`` (default: the embedded pipeline) on ``prompts``.
 
@@ -118,6 +128,12 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     candidates are measured (on the first CFG branch; None: every call), on the first
     ``candidate_prompts`` prompts (None: all; every prompt's dense outputs feed the caches' errors
     and every prompt is a reference of the tuning runs). ``cost``: ``"time"`` (measured per-call time) or ``"blocks"``.
+    ``min_dense_steps`` / ``final_dense_steps``: leading / trailing steps left dense (a count, or a
+    fraction of the steps; default the first 20%, the field's usual warm-up, and the last step):
+    the profile's errors are local to a step and say nothing of how far an error made early is
+    carried, nor do they see that the last step's goes straight to the output.
+    ``share_unit``: ``"step"`` (default) shares a step's output in every layer at once, ``"layer"``
+    per (layer, step) (:func:`.search.select`).
     ``out``: the preset file to write. Returns a dict: ``config`` (the ``TableConfig``),
     ``preset`` (path or None), ``quality`` per prompt, ``cost``, ``density``, ``budget``, ``wall_s``,
     ``probes`` (tuning runs used), ``probes_run`` and ``dense_runs_run`` (those this call ran, the rest
@@ -157,9 +173,21 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     steps = call.get("num_inference_steps")
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"call['num_inference_steps'] must be an int >= 2 to calibrate over steps, got {steps!r}")
+    lead = _step_count("min_dense_steps", min_dense_steps, steps)
+    tail = _step_count("final_dense_steps", final_dense_steps, steps)
+    if lead + tail >= steps:
+        raise ValueError(f"min_dense_steps + final_dense_steps must leave a step to approximate: {lead} + {tail} of "
+                         f"{steps} steps")
+    from .search import SHARE_UNITS
+
+    if share_unit not in SHARE_UNITS:
+        raise ValueError(f"share_unit must be one of {SHARE_UNITS}, got {share_unit!r}")
     knobs = dict(step_parts=step_parts, sample_rows=sample_rows, steps_per_range=steps_per_range,
                  candidate_prompts=candidate_prompts, cost=cost, margin=margin, seed=seed,
-                 min_dense_steps=min_dense_steps, block_size=block_size, target=[kind, target_value])
+                 min_dense_steps=min_dense_steps, final_dense_steps=final_dense_steps, share_unit=share_unit,
+                 block_size=block_size,
+                 target=[kind, target_value],
+                 profile_format=2)  # 2: guided cache errors, slower-than-dense candidates dropped
     state = _State(state_path, _fingerprint(pipe, prompts, call, cands, knobs), say)
     deadline = t_start + budget_minutes * 60.0
     device = torch.device(pipe._execution_device)
@@ -175,13 +203,13 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
         if not isinstance(heads, int):
             raise ValueError(f"{type(pipe).__name__}: the attention modules do not say their head count")
         profile = Profile(steps=steps, layers=layers, heads=heads, ranges=step_ranges(steps, step_parts),
-                          candidates=[c.name for c in cands])
+                          candidates=[c.name for c in cands], guidance=float(call.get("guidance_scale") or 1.0))
         state.data["dense"] = {}
         calls_per_run = layers * steps * (2 if (call.get("guidance_scale") or 0) > 1 else 1)
         bar = tqdm(total=calls_per_run * len(prompts), desc="profiling", disable=not progress, leave=False)
         profiler = Profiler(profile, cands, sample_rows=sample_rows, seed=seed, block_size=block_size,
                             steps_per_range=steps_per_range, candidate_runs=candidate_prompts,
-                            on_call=lambda: bar.update(1))
+                            on_call=lambda: bar.update(1), drop_slower=cost == "time")
         try:
             for i, prompt in enumerate(prompts):
                 profiler.run = i
@@ -195,6 +223,8 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
         finally:
             bar.close()
         profile.runs = len(prompts)
+        for name, why in profile.dropped.items():
+            say(f"not a candidate here: {name}: {why}")
         state.data["profile"] = profile
         state.save()
     dense_runs = state.data["dense"]
@@ -202,7 +232,7 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     # 2. selections on the budget grid, most conservative first
     selections, seen = [], set()
     for b in budget_grid():
-        sel = select(profile, cands, b, cost=cost, min_dense_steps=min_dense_steps)
+        sel = select(profile, cands, b, cost=cost, min_dense_steps=lead, final_dense_steps=tail, share_unit=share_unit)
         if sel.key() not in seen:
             seen.add(sel.key())
             selections.append(sel)

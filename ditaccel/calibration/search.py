@@ -25,6 +25,7 @@ from .candidates import Candidate
 from .profile import Profile
 
 SHARE_COST = 0.0
+SHARE_UNITS = ("layer", "step")
 
 
 @dataclasses.dataclass
@@ -35,11 +36,12 @@ class Selection:
     attention: dict  # (layer, head, range index) -> candidate name
     cost: float  # estimated attention cost of a pipeline call, relative to dense (1.0)
     density: float  # fraction of dense attention FLOPs computed (shares count 0)
+    dense_steps: tuple = (0, 0)  # (leading, trailing) steps left dense
 
     def key(self) -> tuple:
         return (tuple(sorted((k, tuple(v)) for k, v in self.share.items())),
                 tuple(sorted((k, tuple(v)) for k, v in self.cfg_share.items())),
-                tuple(sorted(self.attention.items())))
+                tuple(sorted(self.attention.items())), tuple(self.dense_steps))
 
 
 def unit_costs(profile: Profile, candidates: list[Candidate], cost: str) -> dict:
@@ -71,7 +73,7 @@ def choose_cell(profile: Profile, candidates: list[Candidate], units: dict, l: i
     """The cheapest attention candidate of the cell whose error is within ``budget`` (dense otherwise)."""
     best, best_cost = "dense", 1.0
     for c in candidates:
-        if c.config is None:
+        if c.config is None or c.name in profile.dropped:
             continue
         cost = cell_cost(profile, c.name, units, l, h, r)
         if cost < best_cost and profile.error(c.name, l, h, r) <= budget:
@@ -80,39 +82,58 @@ def choose_cell(profile: Profile, candidates: list[Candidate], units: dict, l: i
 
 
 def select(profile: Profile, candidates: list[Candidate], budget: float, cost: str = "time",
-           min_dense_steps: int = 1) -> Selection:
-    """One :class:`Selection` for ``budget`` (module doc). ``min_dense_steps``: leading steps that
-    neither share nor run sparse (the layout of the image is set there)."""
+           min_dense_steps: int = 1, final_dense_steps: int = 0, share_unit: str = "layer") -> Selection:
+    """One :class:`Selection` for ``budget`` (module doc). ``min_dense_steps`` leading and
+    ``final_dense_steps`` trailing steps neither share nor run sparse: the image's layout is set in
+    the first steps, and an error there is carried through every later one; the last steps' errors
+    go straight to the output. A cfg share whose error is exactly 0 (a layer the text has not
+    reached yet) is taken at those steps too: it changes nothing. ``share_unit``: ``"layer"``
+    decides output shares per (layer, step); ``"step"`` per step for every layer at once, on the
+    error of all layers' outputs together (the whole network one step stale, never a mix of stale
+    and fresh layers)."""
+    if share_unit not in SHARE_UNITS:
+        raise ValueError(f"share_unit must be one of {SHARE_UNITS}, got {share_unit!r}")
     names = {c.name for c in candidates}
     units = unit_costs(profile, candidates, cost)
     L, H, S = profile.layers, profile.heads, profile.steps
+    lo, hi = min_dense_steps, S - final_dense_steps  # steps [lo, hi) may be approximated
     attention = {}
     for l in range(L):
         for h in range(H):
             for r, (a, b) in enumerate(profile.ranges):
-                attention[(l, h, r)] = "dense" if b <= min_dense_steps else \
+                attention[(l, h, r)] = "dense" if min(b, hi) <= max(a, lo) else \
                     choose_cell(profile, candidates, units, l, h, r, budget)
     share, cfg = {}, {}
     branches = 2 if profile.has_uncond() else 1
     total = flops = 0.0
+    shared_steps = None  # share_unit "step": the steps every layer shares, decided once
+    if share_unit == "step" and "share" in names:
+        shared_steps, last = set(), None
+        for s in range(S):
+            if lo <= s < hi and last is not None and profile.reuse_error(None, last, s) <= budget:
+                shared_steps.add(s)
+            else:
+                last = s
     for l in range(L):
         last = None
         for s in range(S):
             r = profile.range_of(s)
-            if s < min_dense_steps:
+            free = lo <= s < hi
+            if not free:
                 per_call = 1.0
                 dens = 1.0
             else:
                 per_call = sum(cell_cost(profile, attention[(l, h, r)], units, l, h, r) for h in range(H)) / H
                 dens = sum(1.0 if attention[(l, h, r)] == "dense" else profile.mean_density(attention[(l, h, r)], l, h, r)
                            for h in range(H)) / H
-            if ("share" in names and s >= min_dense_steps and last is not None
-                    and profile.reuse_error(l, last, s) <= budget):
+            if (s in shared_steps) if shared_steps is not None else (
+                    "share" in names and free and last is not None and profile.reuse_error(l, last, s) <= budget):
                 share.setdefault(l, []).append(s)
                 total += SHARE_COST * branches
                 continue
             last = s
-            if "cfg_share" in names and branches == 2 and s >= min_dense_steps and profile.cfg_error(l, s) <= budget:
+            cfg_error = profile.cfg_error(l, s) if "cfg_share" in names and branches == 2 else float("inf")
+            if cfg_error <= budget and (free or cfg_error == 0.0):
                 cfg.setdefault(l, []).append(s)
                 total += per_call
                 flops += dens
@@ -121,7 +142,7 @@ def select(profile: Profile, candidates: list[Candidate], budget: float, cost: s
                 flops += dens * branches
     calls = L * S * branches
     return Selection(budget=budget, share=share, cfg_share=cfg, attention=attention, cost=total / calls,
-                     density=flops / calls)
+                     density=flops / calls, dense_steps=(lo, final_dense_steps))
 
 
 def _runs(steps: list[int]) -> list[tuple[int, int]]:
@@ -154,8 +175,12 @@ def to_rules(selection: Selection, profile: Profile, candidates: list[Candidate]
         for runs, layers in grouped.items():
             for a, b in runs:
                 rules.append({"use": use, "layers": layers, "steps": frac(a, b)})
+    lo, hi = selection.dense_steps[0], S - selection.dense_steps[1]
     for l in range(profile.layers):
         for r, (a, b) in enumerate(profile.ranges):
+            a, b = max(a, lo), min(b, hi)  # attention candidates run only where the selection may approximate
+            if b <= a:
+                continue
             heads_by: dict[str, list[int]] = {}
             for h in range(profile.heads):
                 name = selection.attention[(l, h, r)]
@@ -169,7 +194,7 @@ def to_rules(selection: Selection, profile: Profile, candidates: list[Candidate]
     return rules
 
 
-def budget_grid(low: float = 1e-3, high: float = 1.0, points: int = 31) -> list[float]:
+def budget_grid(low: float = 1e-3, high: float = 1.0, points: int = 61) -> list[float]:
     return [low * (high / low) ** (i / (points - 1)) for i in range(points)]
 
 
