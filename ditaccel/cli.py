@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local pipeline directory or hub id (default: the embedded Wan pipeline)")
     p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="calibration prompt, repeatable (default: the embedded pipeline's calibration prompts)")
-    p.add_argument("--target", default="psnr=32", help="psnr=DB (mean against dense) or lpips=VALUE (default psnr=32)")
+    p.add_argument("--target", default="psnr=32", help="psnr=DB or lpips=VALUE against dense (default psnr=32)")
+    p.add_argument("--over-prompts", choices=("worst", "mean"), default="worst",
+                   help="the target holds for every calibration prompt (worst, default) or on their mean")
     p.add_argument("--budget-minutes", type=float, default=10.0, help="wall-time budget (default 10)")
     p.add_argument("--candidates", help="comma-separated candidates (method:knob=value;knob=value), default: all "
                                         "built-in ones (ditaccel.calibration.DEFAULT_CANDIDATES)")
@@ -199,7 +201,7 @@ def cmd_calibrate(args) -> int:
         candidates = [c.strip().replace(";", ",") for c in args.candidates.split(",") if c.strip()]
     result = calibrate(pipe, args.prompts, target=args.target, budget_minutes=args.budget_minutes,
                        candidates=candidates, call=call, seed=args.seed, margin=args.margin, cost=args.cost,
-                       state_path=args.state, out=args.out, progress=not args.no_progress,
+                       over_prompts=args.over_prompts, state_path=args.state, out=args.out, progress=not args.no_progress,
                        say=lambda line: print(line, flush=True))
     q = result["quality"]
     print(f"calibrated in {result['wall_s']:.0f} s ({result['probes']} probes"

@@ -104,7 +104,7 @@ def test_the_shipped_embedded_preset_fits_the_embedded_pipeline_and_is_listed():
     assert "embedded.json" in shipped
     data = read_preset(shipped["embedded.json"])
     assert data["model"]["transformer"] == "WanTransformer3DModel"
-    assert embedded.PRESET_FILE == shipped["embedded.json"]  # shipped, not the default (embedded.PRESET)
+    assert embedded.PRESET_FILE == shipped["embedded.json"]  # shipped, and the default (embedded.PRESET)
     config = preset_config(shipped["embedded.json"], embedded.load())
     assert config.method == "table" and config.rules
     assert "embedded.json" in presets_markdown()

@@ -103,9 +103,11 @@ def test_the_embedded_pipeline_has_its_own_preset_and_other_wans_keep_the_family
 
     family = WanAdapter().preset()
     assert family != embedded.PRESET
-    for target in (pipe, pipe.transformer):
-        with ditaccel.accelerate(target) as handle:
-            assert handle.config == embedded.PRESET
+    with ditaccel.accelerate(pipe) as handle:
+        assert handle.config == embedded.PRESET
+    with ditaccel.accelerate(pipe.transformer) as handle:  # no scheduler: the table's fractions as steps of 50
+        assert handle.config == embedded.PRESET.at_step_count(WanAdapter.typical_steps)
+        assert any("step ranges" in n for n in handle.stats()["notes"])
     other = embedded.build()
     other.transformer = type(pipe.transformer)(**{**embedded.TRANSFORMER_CONFIG, "num_layers": 2})
     assert not embedded.is_embedded_transformer(other.transformer)

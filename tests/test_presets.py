@@ -119,8 +119,14 @@ def test_the_embedded_pipeline_keeps_the_methods_own_defaults():
         assert handle.config == RadialConfig()
 
 
-def test_embedded_preset_is_the_hand_preset_and_the_calibrated_table_ships_beside_it():
-    assert embedded.PRESET == embedded.HAND_PRESET == ditaccel.XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
+def test_embedded_preset_is_the_shipped_calibrated_table():
+    from ditaccel.calibration.preset import preset_config
+
     pipe = embedded.load()
+    assert embedded.PRESET == preset_config(embedded.PRESET_FILE, pipe)
+    assert embedded.PRESET.method == "table" and embedded.PRESET.rules
+    assert embedded.HAND_PRESET == ditaccel.XAttnConfig(block_size=64, threshold=0.95, dense_steps=2)
     with ditaccel.accelerate(pipe, preset=embedded.PRESET_FILE) as handle:
-        assert handle.config.method == "table" and handle.config.rules
+        assert handle.config == embedded.PRESET
+    with ditaccel.accelerate(pipe) as handle:
+        assert handle.config == embedded.PRESET

@@ -158,3 +158,21 @@ def test_share_rules_reuse_per_layer_and_step_on_a_pipeline():
     assert reused == {(1, 2), (1, 3)}
     assert stats["reuse_calls"] == 4  # two steps x two CFG branches
     assert stats["dense_calls"] == stats["calls"] - 4
+
+
+@pytest.mark.parametrize("steps", [1, 4, 7, 20, 50])
+def test_a_tables_fractions_at_a_step_count_cover_the_same_steps(steps):
+    from ditaccel.methods import TableConfig
+
+    table = TableConfig(block_size=64, rules=[
+        {"use": "share", "layers": [0, 1], "steps": [0.2, 0.35]},
+        {"use": "cfg_share", "layers": [0], "steps": [0.0, 0.2]},
+        {"use": "share", "layers": [1], "steps": [0.95, 1.0]},
+        {"use": "cfg_share", "layers": [1], "steps": [2, 3]},
+    ])
+    fixed = table.at_step_count(steps)
+    assert not fixed.follows_call and all(r.steps is None or isinstance(r.steps[0], int) for r in fixed.rules)
+    for layer in (0, 1):
+        for s in range(steps):
+            assert fixed.shares_output_at(layer, s, None) == table.shares_output_at(layer, s, steps)
+            assert fixed.shares_cfg_at(layer, s, None) == table.shares_cfg_at(layer, s, steps)

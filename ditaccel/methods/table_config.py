@@ -253,6 +253,23 @@ class TableConfig(AttentionConfig):
         return (super().shares_cfg_at(layer, step, total_steps)
                 or self._whole_layer("cfg_share", layer, step, total_steps, "uncond"))
 
+    def at_step_count(self, steps: int) -> "TableConfig":
+        """This table with every rule's fractional step range written as the steps it covers in a call of
+        ``steps`` steps (what runs where no scheduler counts the steps: a bare transformer)."""
+        def count(x: float) -> int:  # the first step s with s >= x * steps (step_in_range's rule)
+            return max(0, math.ceil(x * steps - 1e-9))
+
+        rules = []
+        for rule in self.rules:
+            data = rule.to_json()
+            if rule.steps is not None and isinstance(rule.steps[0], float):
+                start, end = count(rule.steps[0]), count(rule.steps[1])
+                if end <= start:
+                    continue  # covers no step at this count
+                data["steps"] = [start, end]
+            rules.append(data)
+        return dataclasses.replace(self, rules=tuple(rules))
+
     # --- files -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

@@ -117,13 +117,21 @@ class ModelAdapter:
         """A preset or family default fitted to what it is applied to: on a bare transformer (no
         scheduler counts the call's steps) a dense fraction becomes its count at the family pipeline's
         default step count, with a note saying so; anything else is returned as it is."""
-        if not isinstance(target, torch.nn.Module) or not isinstance(config.dense_steps, float):
+        if not isinstance(target, torch.nn.Module):
             return config, None
-        count = resolve_count(config.dense_steps, self.typical_steps)
-        note = (f"dense_steps={config.dense_steps:g} (a fraction of the call's steps) on a bare transformer, which "
-                f"has no scheduler to count them: runs as {count}, its count at the {self.family} pipeline's "
-                f"default {self.typical_steps} steps")
-        return dataclasses.replace(config, dense_steps=count), note
+        notes = []
+        if isinstance(config.dense_steps, float):
+            count = resolve_count(config.dense_steps, self.typical_steps)
+            notes.append(f"dense_steps={config.dense_steps:g} (a fraction of the call's steps) on a bare transformer, "
+                         f"which has no scheduler to count them: runs as {count}, its count at the {self.family} "
+                         f"pipeline's default {self.typical_steps} steps")
+            config = dataclasses.replace(config, dense_steps=count)
+        if hasattr(config, "at_step_count") and config.follows_call:  # a table's fractional step ranges
+            config = config.at_step_count(self.typical_steps)
+            notes.append(f"the table's step ranges (fractions of the call's steps) on a bare transformer, which has no "
+                         f"scheduler to count them: run as their steps at the {self.family} pipeline's default "
+                         f"{self.typical_steps} steps")
+        return config, ("; ".join(notes) or None)
 
 
 _SIGNATURES: dict[type, inspect.Signature] = {}

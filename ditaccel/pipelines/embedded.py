@@ -65,12 +65,18 @@ PRESET_FILE = REFERENCE_DIR.parent / "presets" / "embedded.json"
 """The calibrated preset, written by ``ditaccel calibrate`` on :data:`CALIBRATION_PROMPTS` at :data:`DEFAULTS`."""
 
 
-PRESET = HAND_PRESET
-"""What ``accelerate(pipe)`` runs on this pipeline when no method is given (the Wan family preset's
-3 x 3 x 3 tile window covers the whole 5 x 18 x 24 grid here, so it would stay dense). The calibrated
-table (:data:`PRESET_FILE`, ``accelerate(pipe, preset=embedded.PRESET_FILE)``) ships beside it but is
-not the default: it did not reach the issue's bar (29.35 dB on the held-out main-job prompt, < 32 dB;
-``benchmarks/RESULTS.md``, "Calibrated preset"), the hand-picked xattn preset gives 39.5 dB."""
+def _calibrated_preset():
+    from ..calibration.preset import read_preset, table_config
+
+    return table_config(read_preset(PRESET_FILE), f"preset {PRESET_FILE.name}")
+
+
+PRESET = _calibrated_preset()
+"""What ``accelerate(pipe)`` runs on this pipeline when no method is given: the table ``ditaccel
+calibrate`` chose for it (:data:`PRESET_FILE`; ``benchmarks/RESULTS.md``, "Calibrated preset"). On
+two CPU cores every sparse candidate costs more per call than dense attention at 2,160 tokens, so
+the calibrated table is output shares at whole steps plus cfg shares; the Wan family preset's
+3 x 3 x 3 tile window would cover the whole 5 x 18 x 24 grid here and stay dense."""
 
 
 SPECIAL_TOKENS = _model.SPECIAL_TOKENS
