@@ -200,7 +200,7 @@ class BenchRun:
                 continue
             for cell in group:
                 bar.set_postfix_str(f"{model} {cell.size.label} seed={cell.seed}: {cell.method.label}", refresh=True)
-                record, block_map, comparison = run_cell(pipe, cell, call, self.matrix, shared, self.merge)
+                record, block_map, comparison = run_cell(pipe, cell, call, self.matrix, shared, merge=self.merge)
                 record["model_pipeline"] = type(pipe).__name__
                 key = (cell.model, cell.method.label, cell.size.label)
                 if block_map is not None:
