@@ -174,6 +174,22 @@ def _cpu_device_count():
         accelerator.device_count = original
 
 
+def enable_context_parallel(pipe, cp: dict[str, int], where: str = "--cp") -> None:
+    """``enable_parallelism(config=ContextParallelConfig(...))`` on every transformer of ``pipe`` (the
+    adapter knows which: Wan 2.2 has two), over the default process group."""
+    from diffusers import ContextParallelConfig
+
+    from ..pipelines import find_adapter
+
+    for attr, transformer in find_adapter(pipe).transformers(pipe):
+        config = ContextParallelConfig(ulysses_degree=cp.get("ulysses", 1), ring_degree=cp.get("ring", 1))
+        try:
+            with _cpu_device_count():
+                transformer.enable_parallelism(config=config)
+        except (ValueError, RuntimeError, NotImplementedError) as exc:
+            raise ValueError(f"{where}: diffusers' enable_parallelism on .{attr} failed: {exc}") from None
+
+
 def _mean_over_ranks(values):
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
@@ -247,20 +263,10 @@ class DistributedBenchRun(BenchRun):
     def _prepare(self, model: str, pipe) -> None:
         if not self.cp:
             return
-        from diffusers import ContextParallelConfig
-
         import ditaccel
 
-        from ..pipelines import find_adapter
-
         where = f"--cp {format_cp(self.cp)} on model {model!r} ({type(pipe).__name__})"
-        for attr, transformer in find_adapter(pipe).transformers(pipe):
-            config = ContextParallelConfig(ulysses_degree=self.cp.get("ulysses", 1), ring_degree=self.cp.get("ring", 1))
-            try:
-                with _cpu_device_count():
-                    transformer.enable_parallelism(config=config)
-            except (ValueError, RuntimeError, NotImplementedError) as exc:
-                raise ValueError(f"{where}: diffusers' enable_parallelism on .{attr} failed: {exc}") from None
+        enable_context_parallel(pipe, self.cp, where)
         try:  # the refusal accelerate makes before the first step, made here before any cell
             ditaccel.accelerate(pipe, "dense").remove()
         except (ValueError, NotImplementedError) as exc:
@@ -338,5 +344,6 @@ def _group(record: dict) -> tuple:
     return record["model"], record["label"], SizeSpec(**record["size"]).label
 
 
-__all__ = ["CP_MODES", "DistributedBenchRun", "Launch", "check_cp", "detect_launch", "format_cp", "merge_rank_stats",
+__all__ = ["CP_MODES", "DistributedBenchRun", "Launch", "check_cp", "detect_launch", "enable_context_parallel",
+           "format_cp", "merge_rank_stats",
            "parse_cp", "process_group", "rank_device", "shard"]
