@@ -1,5 +1,6 @@
 """``ditaccel bench`` under a distributed launch: fast tests of its parts (launch detection, ``--cp``
-validation, the round-robin cell split, merging the ranks' shares and stats), and -- ``slow`` -- a
+validation, the round-robin cell split, merging the ranks' shares and stats), and -- ``slow`` -- the
+per-cell collectives in 2 gloo processes without a model (a cell failing on one rank only), and a
 real 2-process gloo run under ``python -m torch.distributed.run`` (data parallel, ``--cp ulysses=2``,
 a refused ``--cp ring=2``) of a tiny 3-cell matrix against a 1-process run of the same matrix."""
 
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 from contextlib import redirect_stdout
+from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
@@ -174,6 +176,90 @@ def test_merge_rank_stats_averages_densities_and_takes_counts():
     assert m["attention_error"]["mean"] == pytest.approx(0.2)
     assert m["attention_error"]["per_layer"]["transformer.0"] == pytest.approx(0.2)
     assert a["mean_density"] == 0.25  # the inputs are left as they were
+
+
+# --- the collectives, 2 processes over gloo, no model ------------------------------------------------------
+
+@dataclass
+class _FakeComparison:
+    stats: dict
+
+
+def _stats(density: float, sparse: int) -> dict:
+    return {"calls": 4, "dense_calls": 1, "reuse_calls": 0, "mean_density": density,
+            "paths": {"sparse": sparse, "dense_by_fallback": {}, "realised_density": density}}
+
+
+def _collective_worker(rank: int, port: int, out_dir: str, results) -> None:
+    import torch.distributed as dist
+
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        launch, matrix = dd.Launch(2, rank, 0), _matrix()
+        got = {}
+        run = dd.DistributedBenchRun(matrix, Path(out_dir) / "cp", launch, torch.device("cpu"), cp={"ulysses": 2})
+        assert run.merge == run._merge_cell
+        comparison, error = run._merge_cell(_FakeComparison(_stats(0.25 + 0.5 * rank, 3)), None)
+        got["ok"] = (error, comparison.stats["mean_density"], comparison.stats["calls"],
+                     comparison.stats["paths"]["sparse"])
+        # a cell that failed on rank 1 only: both ranks record it failed, and the next collective lines up
+        mine = ("ValueError: boom", "tb") if rank == 1 else None
+        comparison, error = run._merge_cell(None if mine else _FakeComparison(_stats(0.5, 3)), mine)
+        got["one_failed"] = (comparison, error)
+        comparison, error = run._merge_cell(None, ("RuntimeError: same", f"tb{rank}"))
+        got["all_failed"] = (comparison, error)
+        # data parallel: every rank's share gathered to rank 0 in matrix order
+        run = dd.DistributedBenchRun(matrix, Path(out_dir) / "dp", launch, torch.device("cpu"))
+        cells = matrix.cells()
+        run.results["cells"] = [_record(cells[i]) for i in dd.shard(len(cells), 2, rank)]
+        run.results["complete"] = True
+        run._gather()
+        got["dp"] = [(c["key"], c["rank"]) for c in run.results["cells"]] if rank == 0 else None
+        got["ranks"] = run.results["distributed"]["ranks"]
+        results[rank] = got
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        import traceback
+
+        results[rank] = {"error": traceback.format_exc()}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow  # multi-process: 2 spawned interpreters importing torch, 7-12 s on the loaded 2-core machine
+def test_collectives_merge_stats_and_survive_a_failure_on_one_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        procs = [ctx.Process(target=_collective_worker, args=(r, port, str(tmp_path), results)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+        assert not alive, "a rank hung in a collective"
+        results = dict(results)
+    cells = _matrix().cells()
+    for rank in range(2):
+        got = results[rank]
+        assert "error" not in got, got.get("error")
+        assert got["ok"] == (None, pytest.approx(0.5), 8, 6)  # densities averaged, counts summed
+        assert got["one_failed"] == (None, ("on rank(s) 1 of 2: ValueError: boom", "tb"))
+        assert got["all_failed"] == (None, ("RuntimeError: same", "tb0"))  # the 1-process message, rank 0's trace
+    assert results[0]["dp"] == [(c.key, i % 2) for i, c in enumerate(cells)]
+    assert [r["cells"] for r in results[0]["ranks"]] == [2, 2] and results[1]["ranks"] is None
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []  # nothing committed
+    assert len(list(tmp_path.glob(".*partial*"))) == 2  # rank 0's two staging dirs only (runs never committed)
 
 
 # --- a real 2-process run (slow) ------------------------------------------------------------------------
