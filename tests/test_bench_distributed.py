@@ -209,6 +209,20 @@ def _collective_worker(rank: int, port: int, out_dir: str, results) -> None:
         got["one_failed"] = (comparison, error)
         comparison, error = run._merge_cell(None, ("RuntimeError: same", f"tb{rank}"))
         got["all_failed"] = (comparison, error)
+        # a model that fails to load on rank 1 only fails on both (its cells are then recorded failed)
+        from ditaccel.bench import runner
+
+        def load(model, device, dtype):
+            if rank == 1:
+                raise OSError("no weights here")
+            return "pipe", {}
+
+        runner.load_pipeline = load
+        try:
+            run._load("embedded", torch.device("cpu"), torch.float32)
+            got["load"] = None
+        except Exception as exc:  # noqa: BLE001
+            got["load"] = f"{type(exc).__name__}: {exc}"
         # data parallel: every rank's share gathered to rank 0 in matrix order
         run = dd.DistributedBenchRun(matrix, Path(out_dir) / "dp", launch, torch.device("cpu"))
         cells = matrix.cells()
@@ -256,6 +270,8 @@ def test_collectives_merge_stats_and_survive_a_failure_on_one_rank(tmp_path):
         assert got["ok"] == (None, pytest.approx(0.5), 8, 6)  # densities averaged, counts summed
         assert got["one_failed"] == (None, ("on rank(s) 1 of 2: ValueError: boom", "tb"))
         assert got["all_failed"] == (None, ("RuntimeError: same", "tb0"))  # the 1-process message, rank 0's trace
+    assert results[0]["load"] == "RuntimeError: on rank(s) 1 of 2: OSError: no weights here"
+    assert results[1]["load"] == "OSError: no weights here"
     assert results[0]["dp"] == [(c.key, i % 2) for i, c in enumerate(cells)]
     assert [r["cells"] for r in results[0]["ranks"]] == [2, 2] and results[1]["ranks"] is None
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []  # nothing committed

@@ -260,6 +260,26 @@ class DistributedBenchRun(BenchRun):
     def _device(self) -> torch.device:
         return self.device
 
+    def _load(self, model: str, device, dtype):
+        """Under --cp, one collective: a model that failed to load on some rank fails on every rank
+        (its cells are recorded failed everywhere, and no rank waits for the others' all-to-all)."""
+        try:
+            loaded, error = super()._load(model, device, dtype), None
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+            loaded, error = None, exc
+        if self.cp:
+            import torch.distributed as dist
+
+            gathered = [None] * self.launch.world_size
+            dist.all_gather_object(gathered, None if error is None else f"{type(error).__name__}: {error}")
+            failed = [(rank, e) for rank, e in enumerate(gathered) if e is not None]
+            if failed and error is None:
+                ranks = ", ".join(str(r) for r, _ in failed)
+                raise RuntimeError(f"on rank(s) {ranks} of {len(gathered)}: {failed[0][1]}")
+        if error is not None:
+            raise error
+        return loaded
+
     def _prepare(self, model: str, pipe) -> None:
         if not self.cp:
             return

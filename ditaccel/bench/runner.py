@@ -118,7 +118,7 @@ class BenchRun:
     """The state of one ``ditaccel bench`` run: results (what results.json holds), block maps, key frames.
 
     ``write=False``: no files at all (a distributed run's other ranks: rank 0 writes). The methods
-    ``_cells``, ``_device``, ``_prepare`` and ``_merge`` are what :mod:`.distributed` changes."""
+    ``_cells``, ``_device``, ``_load``, ``_prepare`` and ``merge`` are what :mod:`.distributed` changes."""
 
     merge = None  # see run_cell
 
@@ -184,9 +184,12 @@ class BenchRun:
     def _prepare(self, model: str, pipe) -> None:
         """Called once per loaded pipeline, before its first cell."""
 
+    def _load(self, model: str, device, dtype):
+        return load_pipeline(None if model == EMBEDDED else model, device, dtype)
+
     def _run_model(self, model: str, cells: list[Cell], device, dtype, bar) -> None:
         try:
-            pipe, defaults = load_pipeline(None if model == EMBEDDED else model, device, dtype)
+            pipe, defaults = self._load(model, device, dtype)
         except Exception as exc:  # noqa: BLE001
             return self._fail_all(cells, f"loading {model!r}", exc, bar)
         self._prepare(model, pipe)  # raises on bad input (a refused --cp): the whole run stops
