@@ -33,7 +33,9 @@ class Call:
     """Where a self-attention call is (transformer, layer, denoising step, CFG branch), what it
     attends over (``shape``: grid + text span; ``batch``, ``heads``) and the pipeline call's step
     schedule (``dense_steps``: its leading dense steps, None for the config's own count;
-    ``total_steps``: its step count, None when unknown, e.g. a bare transformer)."""
+    ``total_steps``: its step count, None when unknown, e.g. a bare transformer). ``heads`` are the
+    model's heads [head_offset, head_offset + heads): all of them in one process, a rank's share under
+    context parallelism."""
 
     transformer: str
     layer: int
@@ -44,6 +46,7 @@ class Call:
     heads: int
     dense_steps: int | None = None
     total_steps: int | None = None
+    head_offset: int = 0  # the model's index of this call's first head (context parallelism: a rank's heads)
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -189,7 +189,7 @@ def accelerate(pipe, method: str | AttentionConfig | None = None, *, model=None,
     config = resolve_config(adapter, method, overrides, pipe, notes)
     transformers = adapter.transformers(pipe)
     for attr, transformer in transformers:
-        reason = unsupported(context_parallel(transformer), adapter.text_position)
+        reason = unsupported(context_parallel(transformer), adapter.text_position, adapter.context_parallel_streams)
         if reason is not None:
             raise ValueError(f"{type(pipe).__name__}.{attr} has diffusers' context parallelism enabled: {reason}")
     if not transformers:

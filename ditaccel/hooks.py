@@ -22,7 +22,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
 from .compiled import SITE_ATTR, TRACING
 from .intercept import ProcessorKind, SDPAIntercept, active_backend, bypass_reason, current_site
-from .parallel import context_parallel, unsupported
+from .parallel import context_parallel, unsupported, unsupported_forward, whole_inputs
 from .runtime import AttentionSite, ForwardInfo, StrictModeError, TransformerRuntime
 
 STEP_HOOK = "ditaccel_step"
@@ -69,10 +69,19 @@ class StepHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         if self.runtime.detached:  # removed, but a wrapper we could not see still calls us
             return self.fn_ref.original_forward(*args, **kwargs)
-        reason = unsupported(context_parallel(module), self.adapter.text_position)
+        cp = context_parallel(module)
+        reason = unsupported(cp, self.adapter.text_position, self.adapter.context_parallel_streams)
         if reason is not None:  # enable_parallelism after accelerate: refuse before anything runs
             raise ValueError(f"ditaccel: {self.runtime.name}: {reason}; remove() ditaccel or disable parallelism")
-        facts = self.adapter.call_facts(module, args, kwargs)
+        # enable_parallelism after accelerate: a plan that splits the transformer's own inputs (Flux) split
+        # them before this hook; the facts are read from the whole inputs, gathered back
+        whole_args, whole_kwargs = whole_inputs(module, STEP_HOOK, args, kwargs) if cp is not None else (args, kwargs)
+        facts = self.adapter.call_facts(module, whole_args, whole_kwargs)
+        reason = unsupported_forward(cp, type(module).__name__, facts.grid, facts.text_len,
+                                     facts.text_position or self.adapter.text_position, facts.token_order,
+                                     facts.dense_reason)
+        if reason is not None:  # what only this forward's shape shows: refused before its first block
+            raise ValueError(f"ditaccel: {self.runtime.name}: {reason}; remove() ditaccel or disable parallelism")
         branch, state, step_index = self._branch_state()
         shape = (facts.grid, facts.text_len, facts.batch)
         t = facts.timestep

@@ -8,9 +8,9 @@ Two doors, chosen per processor (DESIGN.md, "Intercept, don't rewrite"):
 
 Either way the call lands in ``AttentionSite.attend`` of the self-attention module that is
 running, found through a context variable the module's hook sets for the duration of its forward.
-Under diffusers' Ulysses context parallelism the backend runs our plans after diffusers'
-all-to-all (``parallel.py``). A call with no running site (or an argument we do not model: dropout,
-causal, GQA, ring context parallelism) goes to the attention the model would have used; with a site, that fallback is counted
+Under diffusers' context parallelism (Ulysses or ring) the backend runs our plans on the whole
+sequence of a rank's heads (``parallel/``). A call with no running site (or an argument we do not model: dropout,
+causal, GQA, an unsupported kind of context parallelism) goes to the attention the model would have used; with a site, that fallback is counted
 and warned about (``AttentionSite._warn_once``). ``bypass_reason`` says why a self-attention
 module's forward never reached us (its processor or backend was swapped after ``accelerate``).
 """
@@ -48,12 +48,12 @@ def _ditaccel_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
             return site_attention(query, key, value, attn_mask, scale, TRACING.site_index)
     site = current_site.get()
     if site is not None and _parallel_config is not None and not (dropout_p or is_causal or enable_gqa):
-        from .parallel import ulysses_attend, unsupported
+        from .parallel import ring_attend, ulysses_attend, unsupported
 
-        call = site.runtime.current
-        if unsupported(_parallel_config.context_parallel_config,
-                       call.text_position if call is not None else None) is None:
-            return ulysses_attend(site, query, key, value, attn_mask, scale, _parallel_config)
+        call, cp = site.runtime.current, _parallel_config.context_parallel_config
+        if unsupported(cp, call.text_position if call is not None else None) is None:
+            attend = ring_attend if (cp.ring_degree or 1) > 1 else ulysses_attend
+            return attend(site, query, key, value, attn_mask, scale, _parallel_config)
     if site is None or dropout_p or is_causal or enable_gqa or _parallel_config is not None:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -124,7 +124,7 @@ def backend_member():
         if hasattr(AttentionBackendName, "_member_names_"):
             AttentionBackendName._member_names_.append("DITACCEL")
     if member not in _AttentionBackendRegistry._backends:
-        # context-parallel capable: Ulysses runs our plans after diffusers' all-to-all (parallel.py)
+        # context-parallel capable: Ulysses and ring run our plans on a rank's heads (parallel/)
         _AttentionBackendRegistry.register(member, supports_context_parallel=True)(_ditaccel_backend)
     return member
 

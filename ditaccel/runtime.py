@@ -301,8 +301,9 @@ class AttentionSite:
             self.runtime.stats.note(reason, message)  # once per reason in stats()["notes"]
             warnings.warn(message, stacklevel=3)
 
-    def attend(self, q, k, v, attn_mask, scale, dense):
-        """q, k, v: [B, S, H, D]. ``dense()`` computes the model's own attention on the same inputs."""
+    def attend(self, q, k, v, attn_mask, scale, dense, head_offset: int = 0):
+        """q, k, v: [B, S, H, D]. ``dense()`` computes the model's own attention on the same inputs.
+        ``head_offset``: the model's index of head 0 here (context parallelism: a rank holds H of them)."""
         rt = self.runtime
         call = rt.current
         self.reached += 1  # ditaccel (compose): the attention hook's bypass check reads this
@@ -322,7 +323,7 @@ class AttentionSite:
         if callable(order) and S < call.grid[0] * call.grid[1] * call.grid[2]:
             order = None  # an order of the call's length, but too short for the grid: the checks go dense
         if order is None:
-            return self._attend(call, q, k, v, attn_mask, scale, dense)
+            return self._attend(call, q, k, v, attn_mask, scale, dense, head_offset)
         order, inverse = rt.planning_order(order, S, q.device)
         if order.numel() != S or k.shape[1] != S:
             self._warn_once(f"sequence of {S} tokens does not match the adapter's token order of {order.numel()}",
@@ -332,17 +333,17 @@ class AttentionSite:
         q, k, v = (x.index_select(1, order) for x in (q, k, v))
         if isinstance(attn_mask, torch.Tensor):
             attn_mask = _reorder_mask(attn_mask, order, S)
-        out = self._attend(call, q, k, v, attn_mask, scale, lambda: dense().index_select(1, order))
+        out = self._attend(call, q, k, v, attn_mask, scale, lambda: dense().index_select(1, order), head_offset)
         return out.index_select(1, inverse)
 
-    def _attend(self, forward: ForwardInfo, q, k, v, attn_mask, scale, dense):
+    def _attend(self, forward: ForwardInfo, q, k, v, attn_mask, scale, dense, head_offset: int = 0):
         rt = self.runtime
         B, S, H, D = q.shape
         # The call's one value: everything below (observer, method, caches, stats) reads it.
         shape = CallShape(forward.grid, forward.text_len, forward.text_position)
         call = CallContext(
             transformer=rt.name, layer=self.layer, step=forward.step, branch=forward.branch, shape=shape, batch=B,
-            heads=H, dense_steps=forward.dense_steps, total_steps=forward.total_steps,
+            heads=H, dense_steps=forward.dense_steps, total_steps=forward.total_steps, head_offset=head_offset,
             state=rt.store.state(rt.name, self.layer, forward.branch, (shape, B, H)), store=rt.store,
             counters=rt.stats.counters, reports=rt.stats.reports, values=v,
         )

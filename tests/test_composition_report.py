@@ -159,8 +159,8 @@ def _cp(ulysses, ring):  # what enable_parallelism records on the model (Paralle
 
 
 @pytest.mark.parametrize("family,ulysses,ring,expect", [
-    ("wan", 1, 2, r"ring context parallelism \(ulysses_degree=1, ring_degree=2\) is not supported"),
-    ("flux", 2, 1, r"Ulysses .* text tokens in self-attention \(text_position='prefix'\)"),
+    ("wan", 2, 2, r"Ulysses combined with ring context parallelism \(ulysses_degree=2, ring_degree=2\) is not"),
+    ("cogvideox", 2, 1, r"text tokens in self-attention \(text_position='prefix'\) is not supported.*not been verified"),
 ])
 def test_unsupported_context_parallel_is_refused_before_anything_changes(family, ulysses, ring, expect):
     model = pipe_for(family).transformer
@@ -177,9 +177,9 @@ def test_unsupported_context_parallel_enabled_after_accelerate_is_refused_at_the
     family = "wan"
     pipe = pipe_for(family)
     with ditaccel.accelerate(pipe, "window", **SPARSE) as handle:
-        pipe.transformer._parallel_config = _cp(1, 2)
+        pipe.transformer._parallel_config = _cp(2, 2)
         try:
-            with pytest.raises(ValueError, match=r"ring context parallelism.*remove\(\) ditaccel"):
+            with pytest.raises(ValueError, match=r"Ulysses combined with ring.*remove\(\) ditaccel"):
                 run(pipe, family)
         finally:
             del pipe.transformer._parallel_config
@@ -195,17 +195,17 @@ def test_context_parallel_call_reaching_the_backend_is_a_reported_fallback():
 
     site = AttentionSite(Runtime(), 0, "transformer.blocks.0.attn1")
     Runtime.current = None
-    cp = _cp(1, 2)  # ring: not supported, so the call falls back (counted, warned)
+    cp = _cp(2, 2)  # Ulysses x ring: not supported, so the call falls back (counted, warned)
     q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
     token = current_site.set(site)
     try:
         with pytest.raises(Exception):  # diffusers' native backend then needs a real process group
-            with pytest.warns(UserWarning, match="ring context parallelism"):
+            with pytest.warns(UserWarning, match="Ulysses combined with ring context parallelism"):
                 _ditaccel_backend(q, k, v, _parallel_config=cp)
     finally:
         current_site.reset(token)
     (reason,) = Runtime.stats.fallbacks
-    assert reason.startswith("ring context parallelism (ulysses_degree=1, ring_degree=2) is not supported")
+    assert reason.startswith("Ulysses combined with ring context parallelism (ulysses_degree=2, ring_degree=2) is not")
 
 
 def test_compiled_transformer_on_the_pipeline_is_explained():

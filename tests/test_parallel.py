@@ -1,7 +1,7 @@
 """diffusers' Ulysses context parallelism under ditaccel, 2 processes over gloo spawned here (bounded
 in time): the sparse output equals the single-process sparse output, in either order of
 enable_parallelism and accelerate, for a static (tile) and a dynamic (topk) method; stats merge
-across ranks; what is not supported (ring, text in self-attention) is refused before the first step."""
+across ranks (Wan). Joint-attention models and ring: test_parallel_joint.py; refusals: test_parallel_refusals.py."""
 
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ class TableMethod(AttentionMethod):
         cfg: TableConfig = self.config
         out = []
         for h in range(ctx.heads):
-            rule = cfg.rule_for(ctx.layer, h, ctx.step, ctx.total_steps, ctx.branch)
+            rule = cfg.rule_for(ctx.layer, ctx.head_offset + h, ctx.step, ctx.total_steps, ctx.branch)
             if rule is None or rule.config is None:
                 if rule is not None and rule.use in ("share", "cfg_share"):
                     self.notes.add(f"table: layer {ctx.layer} step {ctx.step}: a '{rule.use}' rule covers some "

@@ -59,6 +59,11 @@ class ModelAdapter:
     accepts_plain_modules: bool = False
     """Whether attention modules without a diffusers processor may be intercepted (SDPA route)."""
     typical_steps: int = 50
+    context_parallel_streams: bool = False
+    """For a model with text in self-attention: whether diffusers' context parallelism is known to split its
+    text and latent streams separately and its processor to join each rank's pieces in ``text_position``
+    order ([text_r | latent_r] or [latent_r | text_r]), which ``parallel/order.py`` maps back onto the
+    model's order (verified by tests/test_parallel_joint.py); False refuses context parallelism on it."""
     """The step count of the family pipeline's default call: what a preset's dense fraction is
     counted against on a bare transformer, which has no scheduler to count the call's steps."""
 

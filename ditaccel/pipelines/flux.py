@@ -28,6 +28,7 @@ class FluxAdapter(ModelAdapter):
     family = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
     text_position = "prefix"
+    context_parallel_streams = True  # _cp_plan splits hidden_states and encoder_hidden_states; [text_r | image_r]
     attention_route = "dispatch"
     tokens_note = "Kontext context-image tokens after the image: dense extra tokens"
     preset_source = ("not yet calibrated: a conservative choice, topk 0.3 (density >= 0.3), 25% of steps dense "
@@ -96,6 +97,7 @@ class ChromaAdapter(UncalibratedPreset, FluxAdapter):
     family = "chroma"
     transformer_classes = ("ChromaTransformer2DModel",)
     tokens_note = ""
+    context_parallel_streams = False  # not verified for Chroma
     typical_steps = 35
 
     def method_defaults(self, method, target=None):

@@ -19,6 +19,7 @@ class Flux2Adapter(UncalibratedPreset, FluxAdapter):
 
     family = "flux2"
     transformer_classes = ("Flux2Transformer2DModel",)
+    context_parallel_streams = False  # not verified for Flux.2
     typical_steps = 50
     tokens_note = "reference-image tokens after the image: dense extra tokens"
 

@@ -23,7 +23,7 @@ FLUX_LIKE = (
 
 def _make(family: str, cls: str, steps: int) -> type:
     return type(f"{cls.removesuffix('Transformer2DModel')}Adapter", (UncalibratedPreset, FluxAdapter), {
-        "family": family, "transformer_classes": (cls,), "typical_steps": steps,
+        "family": family, "transformer_classes": (cls,), "typical_steps": steps, "context_parallel_streams": False,
         "tokens_note": "tokens after the image (edit references): dense extra tokens",
         "method_defaults": lambda self, method, target=None: {}, "__doc__": f"{cls}: Flux's layout (see :mod:`.flux_like`).",
     })

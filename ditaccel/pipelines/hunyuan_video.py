@@ -28,6 +28,8 @@ class HunyuanVideoAdapter(ModelAdapter):
     family = "hunyuan_video"
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
     text_position = "suffix"
+    # diffusers 0.42.1 has no _cp_plan for it: pass cp_plan() to enable_parallelism; [latent_r | text_r]
+    context_parallel_streams = True
     preset_source = ("Radial Attention (Li et al. 2025, mit-han-lab/radial-attention): HunyuanVideo radial, 12 of 50 "
                      "steps dense (0.24), no dense layers, decay_factor 0.95. Published for other methods: Sparse "
                      "VideoGen 10% of steps dense ('heads', dense_steps=0.1); Sliding Tile Attention 15 of 50 "
@@ -49,3 +51,24 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     def method_defaults(self, method, target=None):
         return dict(METHOD_DEFAULTS.get(method, {}))
+
+
+def cp_plan() -> dict:
+    """A context-parallel plan for ``HunyuanVideoTransformer3DModel`` (diffusers 0.42.1 ships none):
+    ``transformer.enable_parallelism(config=..., cp_plan=cp_plan())``. The latent and text streams are
+    split along the sequence at the first double-stream block (after the token refiner, which attends
+    over text only), the RoPE tables of the latent tokens likewise, the output gathered at ``proj_out``;
+    the attention mask ([B, 1, 1, latent + text], built before the blocks) stays whole, in the
+    model's order, which is how ditaccel's backend reads a mask of the whole length."""
+    from diffusers.models._modeling_parallel import (
+        ContextParallelInput,
+        ContextParallelOutput,
+    )
+
+    stream = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+    rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+    return {
+        "transformer_blocks.0": {"hidden_states": stream, "encoder_hidden_states": stream},
+        "rope": {0: rope, 1: rope},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }

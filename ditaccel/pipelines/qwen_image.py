@@ -16,6 +16,7 @@ class QwenImageAdapter(UncalibratedPreset, ModelAdapter):
     family = "qwen_image"
     transformer_classes = ("QwenImageTransformer2DModel",)
     text_position = "prefix"
+    context_parallel_streams = True  # _cp_plan splits both streams and the text mask; [text_r | image_r]
     attention_route = "dispatch"
     typical_steps = 50
     tokens_note = "Edit reference images after the image: dense extra tokens; bool text key mask"
