@@ -280,10 +280,12 @@ class DistributedBenchRun(BenchRun):
             raise error
         return loaded
 
-    def _prepare(self, model: str, pipe) -> None:
+    def _prepare(self, model: str, pipe, first_call) -> None:
         if not self.cp:
             return
         import ditaccel
+
+        from ..eval.runs import warm_up
 
         where = f"--cp {format_cp(self.cp)} on model {model!r} ({type(pipe).__name__})"
         enable_context_parallel(pipe, self.cp, where)
@@ -291,6 +293,17 @@ class DistributedBenchRun(BenchRun):
             ditaccel.accelerate(pipe, "dense").remove()
         except (ValueError, NotImplementedError) as exc:
             raise ValueError(f"{where}: ditaccel refuses to run under it: {exc}") from None
+        # The dense side of every cell is the pipeline's own attention under diffusers' context
+        # parallelism: one untimed step of the first cell's call shows whether diffusers can run it.
+        try:
+            call, seed = first_call()
+            warm_up(pipe, call, seed=seed, steps=1)
+        except Exception as exc:  # noqa: BLE001 - re-raised as bad input, with what to do
+            hint = ("; diffusers' ring attention needs an attention backend that returns the LSE (flash, "
+                    "_native_cudnn, sage: CUDA only), and the bench runs the pipeline's own backend, which here "
+                    "does not; use --cp ulysses=N" if "lse" in str(exc).lower() else "")
+            raise ValueError(f"{where}: the dense reference (the pipeline's own attention under diffusers' context "
+                             f"parallelism) fails before ditaccel runs: {type(exc).__name__}: {exc}{hint}") from None
 
     def _merge_cell(self, comparison, error):
         """A collective: every rank calls it once per cell, whatever happened in the cell."""

@@ -181,8 +181,8 @@ class BenchRun:
     def _device(self) -> torch.device:
         return resolve_device(self.matrix.device)
 
-    def _prepare(self, model: str, pipe) -> None:
-        """Called once per loaded pipeline, before its first cell."""
+    def _prepare(self, model: str, pipe, first_call) -> None:
+        """Called once per loaded pipeline, before its first cell; ``first_call()``: (call, seed) of that cell."""
 
     def _load(self, model: str, device, dtype):
         return load_pipeline(None if model == EMBEDDED else model, device, dtype)
@@ -192,7 +192,8 @@ class BenchRun:
             pipe, defaults = self._load(model, device, dtype)
         except Exception as exc:  # noqa: BLE001
             return self._fail_all(cells, f"loading {model!r}", exc, bar)
-        self._prepare(model, pipe)  # raises on bad input (a refused --cp): the whole run stops
+        # raises on bad input (a refused --cp): the whole run stops
+        self._prepare(model, pipe, lambda p=pipe, d=defaults: (self._call(p, d, cells[0]), cells[0].seed))
         for _, group in groupby(cells, key=lambda c: (c.size, c.seed)):
             group = list(group)
             try:
