@@ -17,7 +17,9 @@ Two modes:
   stats: call counts and paths merged by :func:`ditaccel.parallel.merged_stats`, densities and
   attention errors averaged over the ranks (each rank's plans cover its H/P heads). Timings are
   rank 0's wall time of the collective steps. If ditaccel refuses the mode on a model (the check
-  ``accelerate`` makes before the first step), the run stops with that reason before any cell.
+  ``accelerate`` makes before the first step), or diffusers cannot run the dense side under it (one
+  untimed dense step of the first cell: diffusers' ring needs a backend that returns the LSE, which
+  its native one does not), the run stops with that reason before any cell.
 
 Process group: gloo on CPU, nccl on CUDA; on CUDA each rank takes ``cuda:LOCAL_RANK``.
 """
