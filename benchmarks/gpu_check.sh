@@ -31,3 +31,17 @@ echo "correct: exit $?" | tee -a "$OUT/correct.log"
 timeout $((BENCH_S + 25)) $PY "$HERE/gpu_check.py" bench --out "$OUT" --deadline $BENCH_S $DRY > "$OUT/bench.log" 2>&1
 echo "bench: exit $?" | tee -a "$OUT/bench.log"
 $PY "$HERE/gpu_check.py" summary --out "$OUT" 2>&1 | tee "$OUT/summary.txt"
+
+# Distributed bench (issue 14): 2 ranks over nccl, data parallel and --cp ulysses=2, quality against a
+# 1-process run of the same matrix. Needs >= 2 GPUs (one GPU cannot host two nccl ranks): skipped otherwise.
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ -z "$DRY" ] && [ "$NGPU" -ge 2 ]; then
+  DB=(--method dense --method tile --size 144x192x17 --steps 4 --seeds 0 --device cuda --no-progress)
+  { timeout 200 $PY -m ditaccel bench "${DB[@]}" --out "$OUT/dbench_1p" \
+    && timeout 200 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m ditaccel bench "${DB[@]}" --out "$OUT/dbench_dp" \
+    && timeout 200 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m ditaccel bench "${DB[@]}" --cp ulysses=2 --out "$OUT/dbench_cp" \
+    && $PY "$HERE/dbench_same.py" "$OUT/dbench_1p" "$OUT/dbench_dp" "$OUT/dbench_cp"; } > "$OUT/dbench.log" 2>&1
+  echo "dbench: exit $?" | tee -a "$OUT/dbench.log"
+else
+  echo "dbench: skipped (needs >= 2 CUDA devices, found $NGPU)" | tee "$OUT/dbench.log"
+fi

@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="override a baseline tolerance, e.g. --tolerance psnr=1.0 --tolerance speedup=0.3")
     p.add_argument("--save-baseline", metavar="FILE", help="write this run's metrics as a baseline file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cp", metavar="MODE=N",
+                   help="under torchrun / accelerate launch: run every cell with diffusers' context parallelism over "
+                        "all ranks (ulysses=N or ring=N, N = the world size) instead of splitting the cells "
+                        "across ranks (the default of a distributed launch)")
     return p
 
 
@@ -95,15 +99,31 @@ def main(args) -> int:
 
     The run's files go to a staging directory beside ``--out`` and replace the previous run's as one
     set at the end (also after a first Ctrl-C, then marked incomplete); a second interrupt while
-    they are written leaves ``--out`` as it was."""
-    from .baseline import compare_results, format_diff, load_baseline, parse_tolerance_flags, save_baseline
-    from .report import format_table, write_outputs
+    they are written leaves ``--out`` as it was. Under torchrun / accelerate launch the cells are
+    split over the ranks, or run with context parallelism under ``--cp`` (:mod:`.distributed`);
+    rank 0 writes the files, checks the baseline and prints the table; the other ranks return 0."""
+    from . import distributed
+    from .baseline import load_baseline, parse_tolerance_flags
     from .runner import BenchRun
 
     matrix = matrix_from_args(args)
+    launch = distributed.detect_launch()
+    cp = distributed.check_cp(distributed.parse_cp(args.cp), launch) if getattr(args, "cp", None) else None
     tolerances = parse_tolerance_flags(args.tolerance)
     baseline = load_baseline(args.baseline) if args.baseline else None  # fail before the long run
-    run = BenchRun(matrix, Path(args.out), progress=not args.no_progress)
+    if launch is None:
+        return _run(BenchRun(matrix, Path(args.out), progress=not args.no_progress), args, tolerances, baseline)
+    device = distributed.rank_device(matrix, launch)
+    with distributed.process_group(launch, device) as backend:
+        run = distributed.DistributedBenchRun(matrix, Path(args.out), launch, device, cp=cp, backend=backend,
+                                              progress=not args.no_progress)
+        return _run(run, args, tolerances, baseline)
+
+
+def _run(run, args, tolerances, baseline) -> int:
+    from .baseline import compare_results, format_diff, save_baseline
+    from .report import format_table, write_outputs
+
     # The table reports LPIPS availability; keep the metrics module's one-line note off stderr.
     metrics_log = logging.getLogger("ditaccel.metrics")
     level = metrics_log.level
@@ -111,14 +131,18 @@ def main(args) -> int:
     try:
         run.run()
     except KeyboardInterrupt:
-        run.results["interrupted"] = True
-        _finish(run, write_outputs(run))
+        if run.files is not None:  # a distributed run: rank 0's own cells only
+            run.results["interrupted"] = True
+            _finish(run, write_outputs(run))
         raise
     except BaseException:
-        run.files.discard()  # --out keeps the previous run's files
+        if run.files is not None:
+            run.files.discard()  # --out keeps the previous run's files
         raise
     finally:
         metrics_log.setLevel(level)
+    if run.files is None:  # another rank of a distributed run: rank 0 writes and reports
+        return 0
     diff = compare_results(run.results, baseline, tolerances) if baseline is not None else None
     diff_text = format_diff(diff) if diff is not None else None
     run.results["baseline"] = diff

@@ -71,40 +71,60 @@ def comparison_fields(comparison) -> dict:
             "attention_error": d["attention_error"], "metrics": d["metrics"], "verdicts": d["verdicts"]}
 
 
-def run_cell(pipe, cell: Cell, call: dict, matrix: BenchMatrix, dense_runs=None) -> tuple[dict, dict | None, object]:
-    """(record, block map, comparison) of one cell; never raises on a failing method (KeyboardInterrupt passes)."""
+def run_cell(pipe, cell: Cell, call: dict, matrix: BenchMatrix, dense_runs=None,
+             merge=None) -> tuple[dict, dict | None, object]:
+    """(record, block map, comparison) of one cell; never raises on a failing method (KeyboardInterrupt passes).
+
+    ``merge(comparison or None, error or None) -> (comparison or None, error or None)``: called once
+    per cell whether it ran or failed (under context parallelism it is a collective over the ranks,
+    which must all call it, see :mod:`.distributed`); what it returns is what the record shows."""
     from ..eval.engine import resolve
 
     record = cell_record(cell)
     wall = time.perf_counter()
-    block_map = comparison = None
+    block_map = comparison = error = None
+    num_steps = call.get("num_inference_steps") or 0
+    probe = None
     try:
         _, config = resolve(pipe, cell.method.method, cell.method.overrides)
-        num_steps = call.get("num_inference_steps") or 0
         probe = MaskProbe(config, num_steps - 1, matrix.mask_layer)
         comparison = evaluate(pipe, config, call=call, seed=cell.seed, repeats=matrix.repeats, warmup=matrix.warmup,
                               model_name=cell.model, dense_runs=dense_runs, observe=probe, progress=False,
                               error_steps=sampled_error_steps(num_steps, matrix.error_steps))
-        record.update(comparison_fields(comparison))
-        record["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - a failing cell is a result; the matrix goes on
+        error = (f"{type(exc).__name__}: {' '.join(str(exc).split())}", traceback.format_exc(limit=-6))
+    if merge is not None:
+        comparison, error = merge(comparison, error)
+    if error is None:
+        try:
+            record.update(comparison_fields(comparison))
+            record["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            comparison, error = None, (f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+                                       traceback.format_exc(limit=-6))
+    if error is not None:
+        record.update(status="failed", error=error[0], traceback=error[1])
+    else:
         try:
             block_map = probe.block_map(matrix.mask_head)
         except Exception as exc:  # noqa: BLE001 - a drawing aid must not fail a cell that ran
             block_map = {"kind": "none", "map": None, "layer": matrix.mask_layer, "step": num_steps - 1,
                          "head": matrix.mask_head, "density": None, "note": f"{type(exc).__name__}: {exc}"}
-    except Exception as exc:  # noqa: BLE001 - a failing cell is a result; the matrix goes on
-        record.update(status="failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}",
-                      traceback=traceback.format_exc(limit=-6))
     record["wall_s"] = time.perf_counter() - wall
     return record, block_map, comparison
 
 
 class BenchRun:
-    """The state of one ``ditaccel bench`` run: results (what results.json holds), block maps, key frames."""
+    """The state of one ``ditaccel bench`` run: results (what results.json holds), block maps, key frames.
 
-    def __init__(self, matrix: BenchMatrix, out: Path, *, progress: bool = True):
+    ``write=False``: no files at all (a distributed run's other ranks: rank 0 writes). The methods
+    ``_cells``, ``_device``, ``_load``, ``_prepare`` and ``merge`` are what :mod:`.distributed` changes."""
+
+    merge = None  # see run_cell
+
+    def __init__(self, matrix: BenchMatrix, out: Path, *, progress: bool = True, write: bool = True):
         self.matrix = matrix
-        self.files = FileSet(Path(out))
+        self.files = FileSet(Path(out)) if write else None
         self.progress = progress
         self.block_maps: dict[tuple, dict] = {}  # (model, method label, size label) -> block map
         self.key_frames: dict[tuple, np.ndarray] = {}  # (model, method label, size label) -> labelled frames
@@ -123,8 +143,8 @@ class BenchRun:
     def json_path(self) -> Path:
         return self.out / "results.json"
 
-    def save(self) -> Path:
-        return write_json_atomic(self.results, self.json_path)
+    def save(self) -> Path | None:
+        return write_json_atomic(self.results, self.json_path) if self.files is not None else None
 
     def commit(self) -> Path:
         return self.files.commit()
@@ -140,8 +160,8 @@ class BenchRun:
         import diffusers
         from tqdm.auto import tqdm
 
-        cells = self.matrix.cells()
-        device = resolve_device(self.matrix.device)
+        cells = self._cells()
+        device = self._device()
         dtype = resolve_dtype(self.matrix.dtype, device)
         self.results.update(device=str(device), dtype=str(dtype).replace("torch.", ""),
                             versions=versions(diffusers.__version__))
@@ -154,11 +174,26 @@ class BenchRun:
         self.save()
         return self.results
 
+    def _cells(self) -> list[Cell]:
+        """The cells this process runs, in matrix order."""
+        return self.matrix.cells()
+
+    def _device(self) -> torch.device:
+        return resolve_device(self.matrix.device)
+
+    def _prepare(self, model: str, pipe, first_call) -> None:
+        """Called once per loaded pipeline, before its first cell; ``first_call()``: (call, seed) of that cell."""
+
+    def _load(self, model: str, device, dtype):
+        return load_pipeline(None if model == EMBEDDED else model, device, dtype)
+
     def _run_model(self, model: str, cells: list[Cell], device, dtype, bar) -> None:
         try:
-            pipe, defaults = load_pipeline(None if model == EMBEDDED else model, device, dtype)
+            pipe, defaults = self._load(model, device, dtype)
         except Exception as exc:  # noqa: BLE001
             return self._fail_all(cells, f"loading {model!r}", exc, bar)
+        # raises on bad input (a refused --cp): the whole run stops
+        self._prepare(model, pipe, lambda p=pipe, d=defaults: (self._call(p, d, cells[0]), cells[0].seed))
         for _, group in groupby(cells, key=lambda c: (c.size, c.seed)):
             group = list(group)
             try:
@@ -169,7 +204,7 @@ class BenchRun:
                 continue
             for cell in group:
                 bar.set_postfix_str(f"{model} {cell.size.label} seed={cell.seed}: {cell.method.label}", refresh=True)
-                record, block_map, comparison = run_cell(pipe, cell, call, self.matrix, shared)
+                record, block_map, comparison = run_cell(pipe, cell, call, self.matrix, shared, merge=self.merge)
                 record["model_pipeline"] = type(pipe).__name__
                 key = (cell.model, cell.method.label, cell.size.label)
                 if block_map is not None:
@@ -243,4 +278,4 @@ def aggregate(cells: list[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["BenchRun", "FORMAT", "aggregate", "cell_record", "comparison_fields", "run_cell", "sampled_error_steps"]
+__all__ = ["FORMAT", "BenchRun", "aggregate", "cell_record", "comparison_fields", "run_cell", "sampled_error_steps"]
