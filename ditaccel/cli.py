@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=10.0, help="wall-time budget (default 10)")
     p.add_argument("--candidates", help="comma-separated candidates (method:knob=value;knob=value), default: all "
                                         "built-in ones (ditaccel.calibration.DEFAULT_CANDIDATES)")
-    p.add_argument("--margin", type=float, default=0.5, help="dB above the target to tune to (default 0.5)")
+    p.add_argument("--margin", type=float, default=3.0, help="dB above the target the worst calibration prompt must reach (default 3: prompts spread by several dB)")
     p.add_argument("--cost", choices=("time", "blocks"), default="time",
                    help="what 'cheapest' means: measured per-call time (default) or blocks computed")
     p.add_argument("--steps", type=int, help="denoising steps")

@@ -10,7 +10,8 @@
 4. the **preset file** (:mod:`.preset`).
 
 Resumable: with ``state_path`` every finished stage (dense runs + profile, every probe) is saved
-there, and a rerun with the same pipeline, prompts, call, candidates and knobs picks up after it.
+there, and a rerun with the same pipeline, prompts, call, candidates and profiling knobs picks up
+after it (another target, margin or selection knob reuses every stored probe).
 ``budget_minutes`` is honoured between probes: when it runs out, the best selection that met the
 target so far is kept (the result says ``budget_exhausted``).
 """
@@ -114,7 +115,7 @@ class _State:
 def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: float = 10.0, candidates=None,
               call: dict | None = None, seed: int = 0, step_parts: int = 4, sample_rows: int = 64,
               steps_per_range: int | None = 2, candidate_prompts: int | None = 1,
-              cost: str = "time", margin: float = 0.5, min_dense_steps: int | float = 0.2,
+              cost: str = "time", margin: float = 3.0, min_dense_steps: int | float = 0.2,
               final_dense_steps: int | float = 1, share_unit: str = "step", over_prompts: str = "worst",
               block_size: int = 64,
               state_path=None, out=None, progress: bool = True, say=None) -> dict:
@@ -189,11 +190,10 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
 
     if share_unit not in SHARE_UNITS:
         raise ValueError(f"share_unit must be one of {SHARE_UNITS}, got {share_unit!r}")
+    # What the stored dense runs, profile and probe results depend on; the target's value, the margin
+    # and the selection knobs only change which stored probe wins (probes are keyed by their selection).
     knobs = dict(step_parts=step_parts, sample_rows=sample_rows, steps_per_range=steps_per_range,
-                 candidate_prompts=candidate_prompts, cost=cost, margin=margin, seed=seed,
-                 min_dense_steps=min_dense_steps, final_dense_steps=final_dense_steps, share_unit=share_unit,
-                 block_size=block_size,
-                 target=[kind, target_value],
+                 candidate_prompts=candidate_prompts, cost=cost, seed=seed, block_size=block_size, quality=kind,
                  profile_format=2)  # 2: guided cache errors, slower-than-dense candidates dropped
     state = _State(state_path, _fingerprint(pipe, prompts, call, cands, knobs), say)
     deadline = t_start + budget_minutes * 60.0
