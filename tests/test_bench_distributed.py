@@ -243,26 +243,9 @@ def _collective_worker(rank: int, port: int, out_dir: str, results) -> None:
 
 @pytest.mark.slow  # multi-process: 2 spawned interpreters importing torch, 7-12 s on the loaded 2-core machine
 def test_collectives_merge_stats_and_survive_a_failure_on_one_rank(tmp_path):
-    import socket
+    from gloo_spawn import spawn
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        procs = [ctx.Process(target=_collective_worker, args=(r, port, str(tmp_path), results)) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-        assert not alive, "a rank hung in a collective"
-        results = dict(results)
+    results = spawn(_collective_worker, 2, 120, str(tmp_path))  # a rank hung in a collective: fails here
     cells = _matrix().cells()
     for rank in range(2):
         got = results[rank]

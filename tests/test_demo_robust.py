@@ -24,7 +24,8 @@ from ditaccel.demo.admission import Limits
 from ditaccel.demo.cancel import Cancellation, GenerationCancelled
 
 TINY = dict(steps=2, height=64, width=64, frames=5)  # latent grid 2 x 8 x 8: 128 tokens, the smallest sparse one
-SMALLEST = dict(height=32, width=32, frames=1)  # 1 x 4 x 4: 16 tokens, one block, so every method stays dense
+SMALLEST = dict(method="xattn", height=32, width=32, frames=1)  # 1 x 4 x 4: 16 tokens, one block: a block
+# method stays dense (the embedded preset, a table of cross-step shares, would not: shares are not blocks)
 TILE = dict(method="tile", tile__window_t=1, tile__window_h=1, tile__window_w=1, tile__block_size=64,
             tile__tile="1, 8, 8")  # 2 tiles of 64 tokens, each sees itself: density 0.5
 
@@ -222,7 +223,7 @@ def test_twenty_concurrent_requests_are_all_answered(server, monkeypatch):
                             lambda pairs, path, _real=real, **kw: _real(pairs, path, **kw) if pairs[0][0] == "tile"
                             else None)
     start = time.monotonic()
-    sparse = {4, 15}  # tile on 64x64x5; the other 18 run the preset on 32x32x1
+    sparse = {4, 15}  # tile on 64x64x5; the other 18 run xattn on 32x32x1 (one block: dense)
     jobs = [client.submit(**(TILE if i in sparse else SMALLEST), api_name="/generate") for i in range(20)]
     results = [job.result(timeout=240) for job in jobs]
     elapsed = time.monotonic() - start

@@ -5,14 +5,12 @@ across ranks (Wan). Joint-attention models and ring: test_parallel_joint.py; ref
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_spawn import init_gloo, spawn
 
 WORLD = 2
 METHODS = {  # 384-token grid (3, 8, 16): 6 blocks of 64, so both leave blocks out
@@ -21,25 +19,13 @@ METHODS = {  # 384-token grid (3, 8, 16): 6 blocks of 64, so both leave blocks o
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _worker(rank, port, results):
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        torch.set_num_threads(1)
-        torch.accelerator.device_count = lambda: 1  # diffusers 0.42.1 divides a rank by it; 0 on a CPU-only build
-        import warnings
-
-        warnings.simplefilter("ignore")
+        init_gloo(rank, WORLD, port)
         from diffusers import ContextParallelConfig
         from tiny_pipelines import pipe_for, run_latents
 
@@ -84,20 +70,7 @@ def _worker(rank, port, results):
 
 @pytest.mark.slow  # two spawned processes import torch + diffusers: ~40 s on a quiet 2-core machine, minutes loaded
 def test_ulysses_matches_single_process_sparse():
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        procs = [ctx.Process(target=_worker, args=(r, port, results)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=420)
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-        assert not alive, "a context-parallel worker did not finish within 420 s"
-        results = dict(results)
+    results = spawn(_worker, WORLD, 420)
     for rank in range(WORLD):
         out = results[rank]
         assert "error" not in out, out.get("error")

@@ -6,14 +6,13 @@ enable_parallelism; a per-head table under Ulysses (global head indices). The re
 
 from __future__ import annotations
 
-import os
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_parallel import WORLD, _free_port, _rel
+from gloo_spawn import init_gloo, spawn
+from test_parallel import WORLD, _rel
 
 FAMILIES = ("wan", "flux", "hunyuan_video")
 METHODS = {  # sparse-size grids (3, 8, 16) / (1, 16, 24): 384 latent tokens, 6 blocks of 64 (+ a text block)
@@ -40,13 +39,7 @@ def _enable(pipe, family, mode):
 
 def _worker(rank, port, results):
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        torch.set_num_threads(1)
-        torch.accelerator.device_count = lambda: 1  # diffusers 0.42.1 divides a rank by it; 0 on a CPU-only build
-        import warnings
-
-        warnings.simplefilter("ignore")
+        init_gloo(rank, WORLD, port)
         from tiny_pipelines import FAMILIES as BUILDERS
         from tiny_pipelines import run_latents
 
@@ -158,20 +151,7 @@ def _qwen_image(rank) -> dict:
 
 @pytest.mark.slow  # two spawned processes, 3 families x 2 modes x 2 methods: minutes on a loaded 2-core machine
 def test_ulysses_and_ring_match_single_process_sparse_on_joint_attention_models():
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        procs = [ctx.Process(target=_worker, args=(r, port, results)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=840)
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-        assert not alive, "a context-parallel worker did not finish within 840 s"
-        results = dict(results)
+    results = spawn(_worker, WORLD, 840)
     heads = 2  # tiny pipelines: 2 heads; each rank plans the whole sequence for one of them
     for rank in range(WORLD):
         out = results[rank]

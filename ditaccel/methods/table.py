@@ -21,7 +21,6 @@ import torch
 
 from ..layout import build_layout
 from ..plan import SparsePlan, plan_from_blocks
-from ..state import CallContext
 from .base import AttentionMethod, ShapeCache
 from .table_config import TableConfig
 

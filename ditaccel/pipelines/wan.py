@@ -64,7 +64,7 @@ class WanAdapter(ModelAdapter):
 
     def preset_for(self, obj):
         # The embedded reference pipeline is a Wan too, trained small: it keeps the preset chosen for
-        # it by measurement (see embedded.PRESET).
+        # it by calibration (see embedded.PRESET).
         from . import embedded
 
         if obj is not None and any(embedded.is_embedded_transformer(t) for _, t in self.transformers(obj)):
