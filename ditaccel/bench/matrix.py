@@ -79,10 +79,9 @@ class MethodSpec:
         """What ``ditaccel.accelerate`` takes: None for the model's preset; for ``calibrated`` the
         embedded pipeline's calibrated ``TableConfig`` (its preset file)."""
         if self.name == CALIBRATED:
-            from ..calibration.preset import read_preset, table_config
-            from ..pipelines.embedded import PRESET_FILE
+            from ..pipelines import embedded
 
-            return table_config(read_preset(PRESET_FILE), f"preset {PRESET_FILE.name}")
+            return embedded.PRESET  # read from its preset file (embedded.PRESET_FILE)
         return None if self.name == PRESET else self.name
 
     def to_dict(self) -> dict:

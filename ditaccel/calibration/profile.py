@@ -93,7 +93,7 @@ class Profile:
         ``source``'s output at ``step``: of layer ``l``, or of every layer together (None)."""
         num = den = 0.0
         layers = range(self.layers) if l is None else (l,)
-        for run in range(max(self.runs, 1 + max((k[0] for k in self.outputs), default=-1))):
+        for run in sorted({k[0] for k in self.outputs}):
             for branch in self._branches():
                 for ll in layers:
                     o = self._output(run, branch, ll, step)
@@ -110,16 +110,18 @@ class Profile:
         """Relative error of giving the unconditional branch the conditional branch's output: of the
         guided output (``(g - 1) |c - u| / |u + g (c - u)|``) with guidance, else of the branch."""
         num = den = 0.0
-        for (run, branch, ll, s), o in self.outputs.items():
+        for (run, branch, ll, s), u in self.outputs.items():
             if branch != "uncond" or ll != l or s != step:
                 continue
-            cond = self.outputs.get((run, "cond", l, step))
-            if cond is None:
+            c = self.outputs.get((run, "cond", l, step))
+            if c is None:
                 return float("inf")
-            g = max(self.guidance, 1.0)
-            ref = o + g * (cond - o) if g > 1 else o
-            num += float(((g - 1.0 if g > 1 else 1.0) * (cond - o)).pow(2).sum())
-            den += float(ref.pow(2).sum())
+            if self.guidance > 1:  # the guided output u + g (c - u) becomes c
+                num += float(((self.guidance - 1.0) * (c - u)).pow(2).sum())
+                den += float(self._output(run, "guided", l, step).pow(2).sum())
+            else:
+                num += float((c - u).pow(2).sum())
+                den += float(u.pow(2).sum())
         return (num / den) ** 0.5 if den > 0 else float("inf")
 
     def has_uncond(self) -> bool:

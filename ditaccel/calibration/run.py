@@ -28,9 +28,10 @@ import torch
 
 from .candidates import DEFAULT_CANDIDATES, make_candidates
 from .profile import Profile, Profiler, step_ranges
-from .search import budget_grid, select, to_rules, tune
+from .search import SHARE_UNITS, budget_grid, select, to_rules, tune
 
 TARGET_KINDS = ("psnr", "lpips")
+OVER_PROMPTS = ("worst", "mean")
 
 
 def parse_target(target) -> tuple[str, float]:
@@ -183,11 +184,8 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     if lead + tail >= steps:
         raise ValueError(f"min_dense_steps + final_dense_steps must leave a step to approximate: {lead} + {tail} of "
                          f"{steps} steps")
-    from .search import SHARE_UNITS
-
-    if over_prompts not in ("worst", "mean"):
-        raise ValueError(f"over_prompts must be 'worst' or 'mean', got {over_prompts!r}")
-
+    if over_prompts not in OVER_PROMPTS:
+        raise ValueError(f"over_prompts must be one of {OVER_PROMPTS}, got {over_prompts!r}")
     if share_unit not in SHARE_UNITS:
         raise ValueError(f"share_unit must be one of {SHARE_UNITS}, got {share_unit!r}")
     # What the stored dense runs, profile and probe results depend on; the target's value, the margin
@@ -212,7 +210,7 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
         profile = Profile(steps=steps, layers=layers, heads=heads, ranges=step_ranges(steps, step_parts),
                           candidates=[c.name for c in cands], guidance=float(call.get("guidance_scale") or 1.0))
         state.data["dense"] = {}
-        calls_per_run = layers * steps * (2 if (call.get("guidance_scale") or 0) > 1 else 1)
+        calls_per_run = layers * steps * (2 if profile.guidance > 1 else 1)
         bar = tqdm(total=calls_per_run * len(prompts), desc="profiling", disable=not progress, leave=False)
         profiler = Profiler(profile, cands, sample_rows=sample_rows, seed=seed, block_size=block_size,
                             steps_per_range=steps_per_range, candidate_runs=candidate_prompts,

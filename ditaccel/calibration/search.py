@@ -103,19 +103,23 @@ def select(profile: Profile, candidates: list[Candidate], budget: float, cost: s
             for r, (a, b) in enumerate(profile.ranges):
                 attention[(l, h, r)] = "dense" if min(b, hi) <= max(a, lo) else \
                     choose_cell(profile, candidates, units, l, h, r, budget)
+    def shared_steps(layer: int | None) -> set:
+        """In step order, the steps that reuse the last computed output of ``layer`` (None: every layer
+        together) within the budget; a chain of shares reuses the same computed step."""
+        out, last = set(), None
+        for s in range(S):
+            if "share" in names and lo <= s < hi and last is not None and profile.reuse_error(layer, last, s) <= budget:
+                out.add(s)
+            else:
+                last = s
+        return out
+
     share, cfg = {}, {}
     branches = 2 if profile.has_uncond() else 1
     total = flops = 0.0
-    shared_steps = None  # share_unit "step": the steps every layer shares, decided once
-    if share_unit == "step" and "share" in names:
-        shared_steps, last = set(), None
-        for s in range(S):
-            if lo <= s < hi and last is not None and profile.reuse_error(None, last, s) <= budget:
-                shared_steps.add(s)
-            else:
-                last = s
+    every_layer = shared_steps(None) if share_unit == "step" else None  # decided once for all layers
     for l in range(L):
-        last = None
+        shared = every_layer if every_layer is not None else shared_steps(l)
         for s in range(S):
             r = profile.range_of(s)
             free = lo <= s < hi
@@ -126,12 +130,10 @@ def select(profile: Profile, candidates: list[Candidate], budget: float, cost: s
                 per_call = sum(cell_cost(profile, attention[(l, h, r)], units, l, h, r) for h in range(H)) / H
                 dens = sum(1.0 if attention[(l, h, r)] == "dense" else profile.mean_density(attention[(l, h, r)], l, h, r)
                            for h in range(H)) / H
-            if (s in shared_steps) if shared_steps is not None else (
-                    "share" in names and free and last is not None and profile.reuse_error(l, last, s) <= budget):
+            if s in shared:
                 share.setdefault(l, []).append(s)
                 total += SHARE_COST * branches
                 continue
-            last = s
             cfg_error = profile.cfg_error(l, s) if "cfg_share" in names and branches == 2 else float("inf")
             if cfg_error <= budget and (free or cfg_error == 0.0):
                 cfg.setdefault(l, []).append(s)

@@ -214,9 +214,13 @@ class TableConfig(AttentionConfig):
 
     # --- what the runtime asks -------------------------------------------------------------------
     @property
+    def fractional_rules(self) -> bool:
+        """Does a rule give its steps as fractions of the call's steps (placed only with a step count)?"""
+        return any(r.steps is not None and isinstance(r.steps[0], float) for r in self.rules)
+
+    @property
     def follows_call(self) -> bool:
-        fractions = any(r.steps is not None and isinstance(r.steps[0], float) for r in self.rules)
-        return super().follows_call or fractions
+        return super().follows_call or self.fractional_rules
 
     def rule_for(self, layer: int, head: int, step: int, total_steps: int | None, branch: str = "cond"):
         """The first rule matching (layer, head, step) for this branch, or None (dense)."""

@@ -59,13 +59,13 @@ class ModelAdapter:
     accepts_plain_modules: bool = False
     """Whether attention modules without a diffusers processor may be intercepted (SDPA route)."""
     typical_steps: int = 50
+    """The step count of the family pipeline's default call: what a preset's dense fraction is
+    counted against on a bare transformer, which has no scheduler to count the call's steps."""
     context_parallel_streams: bool = False
     """For a model with text in self-attention: whether diffusers' context parallelism is known to split its
     text and latent streams separately and its processor to join each rank's pieces in ``text_position``
     order ([text_r | latent_r] or [latent_r | text_r]), which ``parallel/order.py`` maps back onto the
     model's order (verified by tests/test_parallel_joint.py); False refuses context parallelism on it."""
-    """The step count of the family pipeline's default call: what a preset's dense fraction is
-    counted against on a bare transformer, which has no scheduler to count the call's steps."""
 
     # --- finding things -------------------------------------------------------------------------
     def matches(self, transformer: torch.nn.Module) -> bool:
@@ -126,7 +126,9 @@ class ModelAdapter:
                          f"which has no scheduler to count them: runs as {count}, its count at the {self.family} "
                          f"pipeline's default {self.typical_steps} steps")
             config = dataclasses.replace(config, dense_steps=count)
-        if hasattr(config, "at_step_count") and config.follows_call:  # a table's fractional step ranges
+        from ..methods.table_config import TableConfig
+
+        if isinstance(config, TableConfig) and config.fractional_rules:
             config = config.at_step_count(self.typical_steps)
             notes.append(f"the table's step ranges (fractions of the call's steps) on a bare transformer, which has no "
                          f"scheduler to count them: run as their steps at the {self.family} pipeline's default "
