@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import traceback
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -45,3 +47,18 @@ def spawn(worker, world: int, timeout_s: float, *args) -> dict:
             p.kill()
         assert not alive, f"a spawned worker did not finish within {timeout_s} s"
         return dict(results)
+
+
+@contextmanager
+def reporting(rank: int, results):
+    """The body of a spawned worker: an exception lands in ``results[rank]["error"]`` (as its traceback,
+    for the parent to show), and the process group is torn down either way."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        results[rank] = {"error": traceback.format_exc()}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -192,8 +192,9 @@ def _stats(density: float, sparse: int) -> dict:
 
 def _collective_worker(rank: int, port: int, out_dir: str, results) -> None:
     import torch.distributed as dist
+    from gloo_spawn import reporting
 
-    try:
+    with reporting(rank, results):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=2)
         launch, matrix = dd.Launch(2, rank, 0), _matrix()
@@ -232,13 +233,6 @@ def _collective_worker(rank: int, port: int, out_dir: str, results) -> None:
         got["dp"] = [(c["key"], c["rank"]) for c in run.results["cells"]] if rank == 0 else None
         got["ranks"] = run.results["distributed"]["ranks"]
         results[rank] = got
-    except BaseException:  # noqa: BLE001 - reported by the parent
-        import traceback
-
-        results[rank] = {"error": traceback.format_exc()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.mark.slow  # multi-process: 2 spawned interpreters importing torch, 7-12 s on the loaded 2-core machine

@@ -5,12 +5,10 @@ across ranks (Wan). Joint-attention models and ring: test_parallel_joint.py; ref
 
 from __future__ import annotations
 
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-from gloo_spawn import init_gloo, spawn
+from gloo_spawn import init_gloo, reporting, spawn
 
 WORLD = 2
 METHODS = {  # 384-token grid (3, 8, 16): 6 blocks of 64, so both leave blocks out
@@ -24,7 +22,7 @@ def _rel(a, b) -> float:
 
 
 def _worker(rank, port, results):
-    try:
+    with reporting(rank, results):
         init_gloo(rank, WORLD, port)
         from diffusers import ContextParallelConfig
         from tiny_pipelines import pipe_for, run_latents
@@ -61,11 +59,6 @@ def _worker(rank, port, results):
                 out[f"{name}_paths"] = merged_stats(handle)["paths"]
                 out[f"{name}_sparse_rel_plain"] = _rel(got, plain)
         results[rank] = out
-    except BaseException:
-        results[rank] = {"error": traceback.format_exc()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned processes import torch + diffusers: ~40 s on a quiet 2-core machine, minutes loaded

@@ -6,12 +6,10 @@ enable_parallelism; a per-head table under Ulysses (global head indices). The re
 
 from __future__ import annotations
 
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-from gloo_spawn import init_gloo, spawn
+from gloo_spawn import init_gloo, reporting, spawn
 from test_parallel import WORLD, _rel
 
 FAMILIES = ("wan", "flux", "hunyuan_video")
@@ -38,7 +36,7 @@ def _enable(pipe, family, mode):
 
 
 def _worker(rank, port, results):
-    try:
+    with reporting(rank, results):
         init_gloo(rank, WORLD, port)
         from tiny_pipelines import FAMILIES as BUILDERS
         from tiny_pipelines import run_latents
@@ -84,11 +82,6 @@ def _worker(rank, port, results):
                                                          fallback=paths["dense_by_fallback"])
         out.update(_qwen_image(rank))
         results[rank] = out
-    except BaseException:
-        results[rank] = {"error": traceback.format_exc()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _qwen_model():
