@@ -336,9 +336,30 @@ class AttentionSite:
         out = self._attend(call, q, k, v, attn_mask, scale, lambda: dense().index_select(1, order), head_offset)
         return out.index_select(1, inverse)
 
-    def _attend(self, forward: ForwardInfo, q, k, v, attn_mask, scale, dense, head_offset: int = 0):
+    def attend_ring(self, ring, executor):
+        """This rank's rows under ring context parallelism (``parallel/ring.py``): ``executor`` (a
+        ``RingExecutor``) holds the call's q, k, v rows and runs plans, and dense attention, round the ring."""
+        rt = self.runtime
+        call = rt.current
+        self.reached += 1
+        rt.reached += 1
+        q = executor.q
+        flops = 4.0 * q.shape[0] * q.shape[2] * q.shape[1] * ring.seq_len * q.shape[3]
+        if call is None:
+            self._warn_once("called outside a hooked transformer forward", flops)
+            return executor.dense()
+        if call.dense_reason:
+            self._warn_once(call.dense_reason, flops)
+            return executor.dense()
+        if call.text_len is None:
+            T, H_, W = call.grid
+            call = dataclasses.replace(call, text_len=max(ring.seq_len - T * H_ * W, 0))
+        return self._attend(call, q, executor.k, executor.v, None, executor.scale, executor.dense, ring=executor)
+
+    def _attend(self, forward: ForwardInfo, q, k, v, attn_mask, scale, dense, head_offset: int = 0, ring=None):
         rt = self.runtime
         B, S, H, D = q.shape
+        S_k = k.shape[1] if ring is None else ring.ring.seq_len
         # The call's one value: everything below (observer, method, caches, stats) reads it.
         shape = CallShape(forward.grid, forward.text_len, forward.text_position)
         call = CallContext(
@@ -351,10 +372,13 @@ class AttentionSite:
         if rt.observer is not None:
             rt.observer(call, q, k, v)
         timer = _Timer(rt.stats, key, q.is_cuda) if rt.timing and not torch.compiler.is_compiling() else None
-        out, outcome, density = self._compute(call, q, k, v, attn_mask, scale, dense)
+        if ring is None:
+            out, outcome, density = self._compute(call, q, k, v, attn_mask, scale, dense)
+        else:
+            out, outcome, density = self._compute_ring(call, ring)
         if timer is not None:
             timer.stop()
-        rt.stats.record(*key, density, 4.0 * B * H * S * k.shape[1] * D, outcome)
+        rt.stats.record(*key, density, 4.0 * B * H * S * S_k * D, outcome)
         if outcome in ("sparse", "reuse") and call.step in rt.error_steps:
             from .metrics import attention_rel_error
 
@@ -379,6 +403,20 @@ class AttentionSite:
         executor = PlanExecutor(q, k, v, reading.key_valid, scale, rt.method.config.backend, rt.stats.count_backend,
                                 row_live=reading.row_live, slot_validity=rt.slot_validity)
         return rt.caches.run(call, q, k, executor, dense)
+
+
+    def _compute_ring(self, call: CallContext, executor):
+        rt = self.runtime
+        ring = executor.ring
+        if ring.seq_len != call.shape.seq_len:
+            self._warn_once(f"sequence of {ring.seq_len} tokens does not match the grid {call.grid} + "
+                            f"{call.text_len} text")
+            return executor.dense(), "fallback", 1.0
+        q, k, v = executor.q, executor.k, executor.v
+        if rt.method.kind != "static":  # it scores the whole sequence: plan on it, as one process does
+            q, k, v = (ring.all_gather_model_order(x) for x in (q, k, v))
+            call = dataclasses.replace(call, values=v)
+        return rt.caches.run(call, q, k, executor, executor.dense)
 
 
 def _reorder_mask(mask: torch.Tensor, order: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -110,8 +110,11 @@ def test_uneven_text_and_planning_token_orders_are_refused():
     assert SPARSE_SIZE["flux"]  # the sizes the 2-process tests run split evenly (1, 16, 24) + 8 text
 
 
-def test_ring_with_heads_not_divisible_by_the_degree_is_refused_before_any_exchange():
+def test_ring_with_a_per_query_mask_or_cross_attention_is_refused_before_any_exchange():
     site = type("Site", (), {"name": "transformer.blocks.0.attn1"})()
-    q = torch.randn(1, 16, 3, 8)
-    with pytest.raises(ValueError, match=r"ring_degree=2 needs the heads \(3\) divisible by the degree"):
-        ring_attend(site, q, q, q, None, None, _cp(ring=2))  # no process group: it must raise before one is used
+    q = torch.randn(1, 16, 3, 8)  # 3 heads over degree 2: the ring keeps every head, no divisibility needed
+    per_query = torch.ones(1, 1, 16, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"per-query attention mask \(shape \(1, 1, 16, 16\)\) is not supported"):
+        ring_attend(site, q, q, q, per_query, None, _cp(ring=2))  # no process group: it must raise before one is used
+    with pytest.raises(ValueError, match=r"needs self-attention \(queries of 16 tokens, keys of 8\)"):
+        ring_attend(site, q, q[:, :8], q[:, :8], None, None, _cp(ring=2))

@@ -77,6 +77,8 @@ class TableMethod(AttentionMethod):
                 method = make_method(rule.config)
                 method.notes = self.notes
                 self._methods[i] = method
+        # Dynamic when any rule's method reads q and k (e.g. ring context parallelism gathers them then).
+        self.kind = "dynamic" if any(m.kind != "static" for m in self._methods.values()) else "static"
         self._dense_plans = ShapeCache()
         self._warned_grid = False
         self._stacked = ShapeCache(size=256)  # one per (shape, head assignment): a table has few

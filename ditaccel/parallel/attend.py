@@ -1,20 +1,16 @@
-"""One attention call under context parallelism: the whole sequence for a rank's heads, in the model's order.
+"""One attention call under context parallelism, in the model's order.
 
-Both modes end in ``_attend_whole_sequence``: a rank holds every token for H/P heads (global heads
-[r*H/P, (r+1)*H/P)); the sequence is permuted into the model's single-process order
-(``order.SequenceMap``), ``site.attend`` runs the plan there with the heads' global offset (a
-per-head table reads global head indices), and the output is permuted back.
-
-- Ulysses: diffusers' templated Ulysses attention does the all-to-all and calls our forward op.
-- Ring (``ring_degree=P``): ditaccel does not run diffusers' ring loop. That loop hands a backend one
-  contiguous chunk of the parallel sequence of queries and one of keys at a time and merges by LSE;
-  a plan is made on the whole sequence in a planning order (tiles, text runs) in which a rank's
-  chunk is scattered over many blocks, and a dynamic method scores blocks that mix tokens of
-  several ranks. Instead the ring group exchanges heads for sequence, as Ulysses does (one
-  all-to-all of q, k, v and one of the output, over the ring group): each rank runs the exact
-  single-process plan of its H/P heads, the work splits P ways, and the output equals the single
-  process's. The price against a real ring: H must be divisible by P and each rank holds the whole
-  sequence for its heads (as under Ulysses), and communication does not overlap compute.
+- Ulysses: diffusers' templated Ulysses attention all-to-alls q, k, v so that a rank holds every
+  token for H/P heads (global heads [r*H/P, (r+1)*H/P)) and calls our forward op;
+  ``_attend_whole_sequence`` permutes that sequence into the model's single-process order
+  (``order.SequenceMap``), ``site.attend`` runs the plan there with the heads' global offset (a
+  per-head table reads global head indices), and the output is permuted back.
+- Ring (``ring_degree=P``): a rank keeps its own rows of every head; ``ring_attend`` builds the
+  call's ``ring.RingCall`` (where every rank's tokens sit in the model's order), turns a key mask
+  into key validity over the whole sequence, and ``site.attend_ring`` runs the plan of the whole
+  call over the KV chunks as they rotate round the ring, merged by LSE (``ring.py``). diffusers'
+  own ring loop is not used: it hands a backend one KV chunk at a time with no say over which
+  chunks a plan can skip, and needs a dense attention that returns an LSE for the dense side.
 """
 
 from __future__ import annotations
@@ -85,56 +81,55 @@ def ulysses_attend(site, query, key, value, attn_mask, scale, parallel_config):
                                                  _parallel_config=parallel_config)
 
 
-def _sequence_for_heads(x: torch.Tensor, degree: int, group) -> torch.Tensor:
-    """[B, S/P, H, D] (this rank's tokens, every head) -> [B, S, H/P, D] (every token, this rank's heads)."""
-    from diffusers.models.attention_dispatch import _all_to_all_single
+def _model_order_key_mask(mask: torch.Tensor, ring, local_len: int) -> torch.Tensor:
+    """A key mask of this rank's keys (last dim ``local_len``: diffusers split it with the keys) or of
+    the whole sequence (never split: already in the model's order) -> the whole sequence's, in the
+    model's order."""
+    import torch.distributed as dist
 
-    B, s, H, D = x.shape
-    x = x.reshape(B, s, degree, H // degree, D).permute(2, 1, 0, 3, 4).contiguous()  # [P, s, B, H/P, D]
-    x = _all_to_all_single(x, group)  # chunk j now holds rank j's tokens of this rank's heads
-    return x.flatten(0, 1).permute(1, 0, 2, 3).contiguous()
-
-
-def _heads_for_sequence(x: torch.Tensor, degree: int, group) -> torch.Tensor:
-    """The inverse of ``_sequence_for_heads``: [B, S, H/P, D] -> [B, S/P, H, D]."""
-    from diffusers.models.attention_dispatch import _all_to_all_single
-
-    B, S, h, D = x.shape
-    x = x.reshape(B, degree, S // degree, h, D).permute(1, 3, 0, 2, 4).contiguous()  # [P, h, B, s, D]
-    x = _all_to_all_single(x, group)  # chunk j now holds this rank's tokens of rank j's heads
-    return x.flatten(0, 1).permute(1, 2, 0, 3).contiguous()
+    if mask.shape[-1] == ring.seq_len:
+        return mask
+    local = mask.contiguous()
+    wire = local.to(torch.uint8) if local.dtype == torch.bool else local  # gloo gathers no bool
+    pieces = [torch.empty_like(wire) for _ in range(ring.peers.degree)]
+    dist.all_gather(pieces, wire, group=ring.peers.group)
+    whole = torch.empty(*local.shape[:-1], ring.seq_len, dtype=wire.dtype, device=local.device)
+    for c, piece in enumerate(pieces):
+        whole[..., ring.chunk_positions[c].to(local.device)] = piece
+    return whole.to(local.dtype)
 
 
 def ring_attend(site, query, key, value, attn_mask, scale, parallel_config):
-    """One attention call under ring context parallelism, run as a head exchange over the ring group
-    (module docstring): exact, the work split ``ring_degree`` ways."""
-    import torch.distributed as dist
+    """One attention call under ring context parallelism: this rank's rows against the KV chunks as
+    they rotate, merged by LSE (``ring.py``)."""
+    from ..masks import read_mask
+    from .ring import RingExecutor, ring_call
 
     cp = parallel_config.context_parallel_config
-    degree = cp.ring_degree
-    heads = query.shape[2]
-    if heads % degree:
-        raise ValueError(f"ditaccel: {site.name}: ring context parallelism with ring_degree={degree} needs the "
-                         f"heads ({heads}) divisible by the degree (ditaccel exchanges heads for sequence over the "
-                         "ring group); use a ring_degree that divides the heads")
     if key.shape[1] != query.shape[1]:
         raise ValueError(f"ditaccel: {site.name}: ring context parallelism needs self-attention (queries of "
                          f"{query.shape[1]} tokens, keys of {key.shape[1]})")
-    group = cp._ring_mesh.get_group()
-    mask, mask_parallel = attn_mask, False
     if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() >= 3 and attn_mask.shape[-2] == query.shape[1] > 1:
         raise ValueError(f"ditaccel: {site.name}: ring context parallelism with a per-query attention mask "
                          f"(shape {tuple(attn_mask.shape)}) is not supported; only key masks ([B, S] or [B, 1, 1, S])")
-    if isinstance(attn_mask, torch.Tensor) and attn_mask.shape[-1] == key.shape[1]:
-        local = attn_mask.contiguous()
-        wire = local.to(torch.uint8) if local.dtype == torch.bool else local  # gloo gathers no bool
-        pieces = [torch.empty_like(wire) for _ in range(degree)]  # one rank's keys: gather them all
-        dist.all_gather(pieces, wire, group=group)
-        mask, mask_parallel = torch.cat(pieces, dim=-1).to(local.dtype), True
-    q, k, v = (_sequence_for_heads(x, degree, group) for x in (query, key, value))
-    offset = cp._ring_local_rank * q.shape[2]
-    out = _attend_whole_sequence(site, q, k, v, mask, mask_parallel, scale, degree, offset)
-    return _heads_for_sequence(out, degree, group)
+    B, s, H, _ = query.shape
+    text_len, text_position = _text_span(site, s * cp.ring_degree)
+    ring = ring_call(cp, s, text_len, text_position)
+    key_valid = row_live = None
+    if isinstance(attn_mask, torch.Tensor):
+        mask = _model_order_key_mask(attn_mask, ring, s)
+        if mask.dim() == 2:  # [B, S_k] key padding, as diffusers' backends read it
+            mask = mask[:, None, None, :]
+        reading = read_mask(mask, B, H, ring.seq_len)
+        if reading.fallback is not None:  # no model attention to fall back to: diffusers' ring needs an LSE
+            raise ValueError(f"ditaccel: {site.name}: ring context parallelism cannot apply this attention "
+                             f"mask ({reading.fallback}); only key masks (bool, or additive 0 / -inf)")
+        key_valid = reading.key_valid
+        if reading.row_live is not None:
+            row_live = reading.row_live.index_select(-1, ring.chunk_positions[ring.peers.rank].to(query.device))
+    executor = RingExecutor(ring, query, key, value, key_valid, scale, site.runtime.method.config.backend,
+                            site.runtime.stats.count_backend, row_live=row_live)
+    return site.attend_ring(ring, executor)
 
 
 __all__ = ["ring_attend", "ulysses_attend"]

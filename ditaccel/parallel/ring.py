@@ -1,0 +1,280 @@
+"""Ring context parallelism: a rank's query rows against KV chunks that rotate round the ring, merged by LSE.
+
+Under ``ContextParallelConfig(ring_degree=P)`` rank r holds chunk r of diffusers' parallel sequence:
+its q, k, v rows for every head. No sparse backend in the field runs this (their kernels return no
+LSE); ditaccel does, in three steps per attention call:
+
+- **the plan** is the single process's plan of the whole call. A static method's depends on the
+  shape alone; a dynamic method (topk, xattn, heads, a table with such rules) scores the whole
+  sequence, so its q, k, v are all-gathered over the ring group for it (``plan_inputs``): every
+  rank then makes the plan one process makes, bit for bit;
+- **the ring**: P rounds; in round i rank r holds the KV chunk of rank (r - i) mod P, passes it on
+  to rank r + 1 while it computes (one asynchronous send/receive per round, P - 1 in all), and
+  computes its query rows against that chunk's keys under the plan restricted to them
+  (``ChunkSlots``): the plan's query blocks that hold its rows x the key blocks that hold the
+  chunk's keys, with every other slot of those blocks masked. A chunk whose restriction keeps no
+  block pair for the rank's rows is not computed at all;
+- **the merge**: the chunks' outputs are combined by their log-sum-exps (``kernels.merge``).
+
+The same loop gives the dense side (``RingExecutor.dense``: every key of every chunk) and the kept
+attention mass of renormalise (kept LSE against dense LSE). What it costs against a ring of whole
+blocks: where a plan's block straddles two ranks' rows (tiles cut by the chunk boundary), both
+ranks compute that block, each for its own rows.
+
+Refused (at the first attention call, before any output): a plan with one token order per head
+(``cluster``): its slots differ per head, so a rank's rows sit in different blocks for each head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..kernels import select_executor
+from ..kernels.merge import merge_by_lse
+from ..plan import _lists
+
+
+@dataclasses.dataclass(frozen=True)
+class RingPeers:
+    """Where this rank sits on the ring: its place, the degree, and the ring's process group."""
+
+    rank: int
+    degree: int
+    group: object
+
+    def pass_on(self, tensor: torch.Tensor):
+        """Send ``tensor`` to the next rank and receive the previous rank's: returns a function that
+        waits for the exchange and gives the received tensor (asynchronous: compute in between)."""
+        import torch.distributed as dist
+
+        received = torch.empty_like(tensor)
+        ops = [dist.P2POp(dist.isend, tensor, group=self.group, group_peer=(self.rank + 1) % self.degree),
+               dist.P2POp(dist.irecv, received, group=self.group, group_peer=(self.rank - 1) % self.degree)]
+        works = dist.batch_isend_irecv(ops)
+
+        def wait() -> torch.Tensor:
+            for work in works:
+                work.wait()
+            return received
+
+        return wait
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSlots:
+    """One chunk's tokens (a rank's rows or keys) inside a plan's slots.
+
+    ``blocks``: the plan's blocks holding any of the chunk's tokens, ascending ([n] long); the
+    chunk's sub-sequence is those blocks side by side, ``at``: where each token of the chunk (in the
+    chunk's own order) lands in it ([s] long); ``slots``: the global slot of each position of the
+    sub-sequence ([n * block_size] long, clamped into the plan)."""
+
+    blocks: torch.Tensor
+    at: torch.Tensor
+    slots: torch.Tensor
+
+    @classmethod
+    def of(cls, slot_of_token: torch.Tensor, block_size: int, num_slots: int) -> "ChunkSlots":
+        blocks = torch.unique(slot_of_token // block_size)  # sorted
+        index_of_block = torch.full((int(blocks.max()) + 1,), -1, dtype=torch.long, device=blocks.device)
+        index_of_block[blocks] = torch.arange(blocks.numel(), device=blocks.device)
+        at = index_of_block[slot_of_token // block_size] * block_size + slot_of_token % block_size
+        slots = (blocks[:, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten()
+        return cls(blocks=blocks, at=at, slots=slots.clamp(max=num_slots - 1))
+
+
+class RingCall:
+    """One attention call under ring context parallelism: this rank's q, k, v rows and where every
+    chunk's tokens sit in the model's order (``chunk_positions``: [P, s] long, chunk c = rank c's)."""
+
+    def __init__(self, peers: RingPeers, chunk_positions: torch.Tensor):
+        self.peers = peers
+        self.chunk_positions = chunk_positions
+        self.seq_len = chunk_positions.numel()
+        self._slots: dict = {}  # (id(layout), chunk) -> (layout, ChunkSlots): one call, few layouts
+
+    def all_gather_model_order(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, s, ...] rows of every rank -> [B, S, ...] in the model's order (a collective)."""
+        import torch.distributed as dist
+
+        pieces = [torch.empty_like(x) for _ in range(self.peers.degree)]
+        dist.all_gather(pieces, x.contiguous(), group=self.peers.group)
+        whole = torch.empty(x.shape[0], self.seq_len, *x.shape[2:], dtype=x.dtype, device=x.device)
+        for c, piece in enumerate(pieces):
+            whole[:, self.chunk_positions[c].to(x.device)] = piece
+        return whole
+
+    def chunk_slots(self, layout, chunk: int, device) -> ChunkSlots:
+        key = (id(layout), chunk)
+        hit = self._slots.get(key)
+        if hit is None or hit[0] is not layout:
+            if layout.per_head:
+                raise ValueError("ditaccel: ring context parallelism with a plan that orders tokens per head "
+                                 "(method 'cluster') is not supported: a rank's rows sit in other blocks for every "
+                                 "head; use Ulysses (ulysses_degree=N) for it, or a method with one token order")
+            inverse = layout.device_index("inverse", device)  # model token -> slot
+            slots = ChunkSlots.of(inverse[self.chunk_positions[chunk].to(device)], layout.block_size,
+                                  layout.num_slots)
+            hit = self._slots[key] = (layout, slots)
+        return hit[1]
+
+
+def _sub_block_mask(plan, rows: ChunkSlots, keys: ChunkSlots):
+    """The plan restricted to ``rows``' query blocks x ``keys``' key blocks, on sub-sequences of one
+    length (the larger block count; the other side's extra blocks are empty): (BlockMask, any kept)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bs = plan.layout.block_size
+    n = max(rows.blocks.numel(), keys.blocks.numel())
+
+    def restrict(blocks):
+        b4 = blocks
+        while b4.dim() < 4:
+            b4 = b4.unsqueeze(0)
+        sub = b4.index_select(-2, rows.blocks).index_select(-1, keys.blocks)
+        pad = (0, n - sub.shape[-1], 0, n - sub.shape[-2])
+        return torch.nn.functional.pad(sub, pad) if any(pad) else sub
+
+    any_blocks, full_blocks = restrict(plan.any_blocks), restrict(plan.full_blocks)
+    if not bool(any_blocks.any()):
+        return None, False
+    base = plan.block_mask.mask_mod
+    q_slots = torch.nn.functional.pad(rows.slots, (0, n * bs - rows.slots.numel()), value=int(rows.slots[-1]))
+    k_slots = torch.nn.functional.pad(keys.slots, (0, n * bs - keys.slots.numel()), value=int(keys.slots[-1]))
+
+    def mask_mod(b, h, q_idx, kv_idx):  # a sub-sequence position -> the plan's own slot, its own rule
+        return base(b, h, q_slots[q_idx.clamp(0, n * bs - 1)], k_slots[kv_idx.clamp(0, n * bs - 1)])
+
+    kv_num, kv_idx = _lists(any_blocks & ~full_blocks)
+    full_num, full_idx = _lists(full_blocks)
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
+                                    seq_lengths=(n * bs, n * bs), compute_q_blocks=False)
+    return mask, True
+
+
+class RingExecutor:
+    """Runs plans (and dense attention) for this rank's rows round the ring; the runtime's
+    ``PlanExecutor`` for one call, with its ``run`` / ``kept_mass`` and a ``dense``.
+
+    q, k, v: [B, s, H, D], this rank's rows in chunk order; ``key_valid``: [B, Hm, S] bool over the
+    whole sequence in the model's order (None: every key); ``row_live``: [B, Hm, s] (None: all)."""
+
+    def __init__(self, ring: RingCall, q, k, v, key_valid, scale, backend: str, on_run=None, row_live=None):
+        self.ring, self.q, self.k, self.v = ring, q, k, v
+        if key_valid is not None and key_valid.dim() == 2:
+            key_valid = key_valid[:, None, :]
+        self.key_valid = key_valid
+        self.row_live = row_live
+        self.scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        self.backend, self.on_run = backend, on_run
+
+    # --- the ring ------------------------------------------------------------------------------
+    def _round_robin(self, compute):
+        """Merge ``compute(chunk, k, v)`` -> (out [B, H, s, D], lse [B, H, s]) or None (skipped) over
+        the chunks as they pass this rank."""
+        peers = self.ring.peers
+        kv = torch.stack((self.k, self.v)).contiguous() if self.k.shape == self.v.shape else None
+        k, v = self.k, self.v
+        outs, lses = [], []
+        for i in range(peers.degree):
+            chunk = (peers.rank - i) % peers.degree
+            if kv is None:  # k and v of other head dims: two exchanges
+                wait_k, wait_v = (peers.pass_on(x.contiguous()) for x in (k, v)) if i + 1 < peers.degree \
+                    else (None, None)
+            else:
+                wait_kv = peers.pass_on(kv) if i + 1 < peers.degree else None
+            result = compute(chunk, k, v)
+            if result is not None:
+                outs.append(result[0])
+                lses.append(result[1])
+            if i + 1 < peers.degree:
+                if kv is None:
+                    k, v = wait_k(), wait_v()
+                else:
+                    kv = wait_kv()
+                    k, v = kv[0], kv[1]
+        B, s, H, _ = self.q.shape
+        if not outs:  # no chunk kept anything for these rows
+            return (self.q.new_zeros(B, H, s, self.v.shape[-1]),
+                    torch.full((B, H, s), float("-inf"), dtype=torch.float32, device=self.q.device))
+        return merge_by_lse(outs, lses)
+
+    def _chunk_key_valid(self, chunk: int):
+        if self.key_valid is None:
+            return None
+        return self.key_valid.index_select(-1, self.ring.chunk_positions[chunk].to(self.key_valid.device))
+
+    def _dense_chunk(self, chunk, k, v):
+        wide = torch.float64 if self.q.dtype == torch.float64 else torch.float32
+        q, k, v = (x.transpose(1, 2).to(wide) for x in (self.q, k, v))  # [B, H, s, D]
+        logits = (q @ k.transpose(-1, -2)) * self.scale
+        valid = self._chunk_key_valid(chunk)
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        lse = torch.logsumexp(logits, -1)
+        weights = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        return (weights @ v).to(self.q.dtype), lse
+
+    def _plan_chunk(self, plan, chunk, k, v):
+        layout = plan.layout
+        device = self.q.device
+        rows = self.ring.chunk_slots(layout, self.ring.peers.rank, device)
+        keys = self.ring.chunk_slots(layout, chunk, device)
+        block_mask, kept = _sub_block_mask(plan, rows, keys)
+        if not kept:
+            return None
+        n = block_mask.seq_lengths[0]
+        B, s, H, D = self.q.shape
+
+        def sub(x, at):  # [B, s, H, D] -> [B, H, n, D], the tokens at their sub-sequence positions
+            out = x.new_zeros(B, H, n, x.shape[-1])
+            out[:, :, at] = x.transpose(1, 2)
+            return out
+
+        qs, ks, vs = sub(self.q, rows.at), sub(k, keys.at), sub(v, keys.at)
+        valid = torch.zeros(B, 1 if self.key_valid is None else self.key_valid.shape[1], n, dtype=torch.bool,
+                            device=device)
+        chunk_valid = self._chunk_key_valid(chunk)
+        valid[:, :, keys.at] = True if chunk_valid is None else chunk_valid
+        name, execute = select_executor(self.backend, qs, ks, vs, block_mask)
+        out, lse = execute(qs, ks, vs, block_mask, self.scale, key_valid=valid, return_lse=True)
+        if self.on_run is not None:
+            self.on_run(name)
+        return out[:, :, rows.at], lse[:, :, rows.at]
+
+    # --- what the runtime calls ----------------------------------------------------------------
+    def _rows(self, out: torch.Tensor) -> torch.Tensor:
+        out = out.transpose(1, 2)  # [B, s, H, D]
+        if self.row_live is not None:  # rows whose every key is masked: zeros, as one process gives them
+            out = torch.where(self.row_live.transpose(1, 2)[..., None], out, 0.0)
+        return out.to(self.q.dtype)
+
+    def dense(self) -> torch.Tensor:
+        return self._rows(self._round_robin(self._dense_chunk)[0])
+
+    def run(self, plan) -> torch.Tensor:
+        return self._rows(self._round_robin(lambda c, k, v: self._plan_chunk(plan, c, k, v))[0])
+
+    def kept_mass(self, plan) -> torch.Tensor:
+        """[B, s, H, 1]: the fraction of each row's softmax mass on the keys ``plan`` keeps."""
+        lse_kept = self._round_robin(lambda c, k, v: self._plan_chunk(plan, c, k, v))[1]
+        lse_dense = self._round_robin(self._dense_chunk)[1]
+        rho = torch.where(torch.isfinite(lse_dense), torch.exp(lse_kept.double() - lse_dense.double()), 0.0)
+        return rho.transpose(1, 2)[..., None].to(self.q.dtype)
+
+
+def ring_call(cp, local_len: int, text_len: int, text_position: str) -> RingCall:
+    """The ``RingCall`` of an attention call of ``local_len`` rows per rank under ``cp``."""
+    from .order import parallel_positions
+
+    degree = cp.ring_degree
+    seq_len = local_len * degree
+    positions = parallel_positions(seq_len, text_len, text_position, degree)
+    if positions is None:
+        positions = torch.arange(seq_len)
+    return RingCall(RingPeers(cp._ring_local_rank, degree, cp._ring_mesh.get_group()), positions.view(degree, -1))
+
+
+__all__ = ["ChunkSlots", "RingCall", "RingExecutor", "RingPeers", "ring_call"]

@@ -1,0 +1,124 @@
+"""The ring executor (``ditaccel.parallel.ring``) in one process: each simulated rank's rows, computed
+against the KV chunks in ring order and merged by LSE, equal those rows of the whole-sequence plan
+(float64 reference) for static, dynamic and per-head-table plans, with text before or after the grid
+(rows scattered over the plan's blocks), key padding, degree 2 and 3; chunks a rank's rows keep no
+block of are never computed; dense and kept mass match the one-process ones; a per-head token order
+is refused. The spawned 2-process runs on pipelines are in test_parallel_joint.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from plan_reference import plan_reference
+from test_plan_properties import _context, _inputs, config_for
+
+from ditaccel.methods import CallShape, make_method
+from ditaccel.methods.table_config import TableConfig
+from ditaccel.parallel.order import parallel_positions
+from ditaccel.parallel.ring import RingCall, RingExecutor
+from ditaccel.runtime import PlanExecutor
+
+
+class _SimulatedPeers:
+    """Rank ``rank`` of a ring whose every chunk is known: ``pass_on`` hands over the chunk the previous
+    rank sends (what ``RingPeers`` receives over the process group); ``sent`` records the chunks passed."""
+
+    def __init__(self, rank, degree, chunks):
+        self.rank, self.degree, self.group, self.chunks, self.sent = rank, degree, None, chunks, []
+
+    def pass_on(self, tensor):
+        held = [c for c, chunk in enumerate(self.chunks) if torch.equal(tensor, chunk)]
+        assert len(held) == 1, "passed on a tensor that is no chunk"
+        self.sent.append(held[0])
+        received = self.chunks[(held[0] - 1) % self.degree]  # rank r - 1 holds the chunk before
+        return lambda: received.clone()
+
+
+def _ring_rows(q, k, v, degree, text_len, position, key_valid=None, on_run=None):
+    """Per simulated rank: (its RingExecutor, its rows' model positions)."""
+    S = q.shape[1]
+    positions = parallel_positions(S, text_len, position, degree)
+    positions = (torch.arange(S) if positions is None else positions).view(degree, -1)
+    chunks = [torch.stack((k[:, p], v[:, p])) for p in positions]
+    out = []
+    for rank in range(degree):
+        ring = RingCall(_SimulatedPeers(rank, degree, chunks), positions)
+        rows = positions[rank]
+        out.append((RingExecutor(ring, q[:, rows], k[:, rows], v[:, rows], key_valid, None, "reference",
+                                 on_run), rows))
+    return out
+
+
+def _table():
+    return TableConfig(rules=[{"use": "tile", "heads": [1], "knobs": {"tile": (1, 8, 8), "window": (1, 1, 1)}},
+                              {"use": "topk", "heads": [2], "knobs": {"topk": 0.3, "tile": (1, 8, 8)}}], block_size=64)
+
+
+CASES = [  # (grid, text_len, position, degree, method)
+    ((2, 8, 16), 0, "none", 2, "tile"),
+    ((2, 8, 16), 20, "prefix", 2, "topk"),
+    ((3, 8, 16), 12, "suffix", 3, "xattn"),
+    ((2, 8, 16), 20, "prefix", 2, "window"),
+    ((3, 8, 16), 12, "suffix", 3, "table"),
+]
+
+
+@pytest.mark.parametrize("grid,text_len,position,degree,name", CASES)
+def test_ring_rows_equal_the_whole_sequence_plan(grid, text_len, position, degree, name):
+    B, H, D = 1, 3, 16
+    S = math.prod(grid) + text_len
+    q, k, v = _inputs(B, S, H, D, seed=11)
+    config = _table() if name == "table" else config_for(name, grid, "tile", 64)
+    plan = make_method(config).plan_for(_context(CallShape(grid, text_len, position), B, H, v), q, k)
+    assert float(plan.density) < 0.95, "a dense plan could not tell a wrong restriction apart"
+    expected = plan_reference(plan, q, k, v)  # float64, the whole sequence
+    for executor, rows in _ring_rows(q, k, v, degree, text_len, position):
+        out = executor.run(plan)
+        peers = executor.ring.peers
+        assert peers.sent == [(peers.rank - i) % degree for i in range(degree - 1)]  # own chunk first, then on
+        assert out.shape == (B, S // degree, H, D) and torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), expected[:, rows], rtol=1e-4, atol=1e-5)
+
+
+def test_ring_applies_key_padding_and_its_dense_and_kept_mass_match_one_process():
+    grid, text_len, position, degree = (2, 8, 16), 20, "prefix", 2
+    B, H, D = 2, 2, 16
+    S = math.prod(grid) + text_len
+    q, k, v = _inputs(B, S, H, D, seed=3)
+    key_valid = torch.ones(B, 1, S, dtype=torch.bool)
+    key_valid[1, 0, 14:20] = False  # batch 1: the last 6 text tokens are padding
+    plan = make_method(config_for("tile", grid, "tile", 64)).plan(CallShape(grid, text_len, position), q.device)
+    whole = PlanExecutor(q, k, v, key_valid, None, "reference")
+    sparse, mass = whole.run(plan), whole.kept_mass(plan)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * D**-0.5
+    logits = logits.masked_fill(~key_valid[:, :, None, :], float("-inf"))
+    dense = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.double())
+    for executor, rows in _ring_rows(q, k, v, degree, text_len, position, key_valid):
+        torch.testing.assert_close(executor.run(plan), sparse[:, rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(executor.dense().double(), dense[:, rows], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(executor.kept_mass(plan), mass[:, rows], rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_whose_blocks_the_plan_drops_for_a_rank_are_not_computed():
+    grid, degree = (4, 8, 8), 2  # tiles (1, 8, 8): one frame a block; rank r holds frames 2r, 2r + 1
+    q, k, v = _inputs(1, math.prod(grid), 2, 16, seed=1)
+    plan = make_method(config_for("tile", grid, "tile", 64)).plan(CallShape(grid, 0, "none"), q.device)
+    expected = plan_reference(plan, q, k, v)
+    ran = []
+    for executor, rows in _ring_rows(q, k, v, degree, 0, "none", on_run=ran.append):
+        torch.testing.assert_close(executor.run(plan).double(), expected[:, rows], rtol=1e-4, atol=1e-5)
+    # window (1, 1, 1) of tiles: frames see only their own frame, so each rank's rows need only its own chunk
+    assert ran == ["reference"] * degree
+
+
+def test_a_plan_with_a_token_order_per_head_is_refused():
+    grid = (2, 8, 16)
+    q, k, v = _inputs(1, math.prod(grid), 2, 16, seed=2)
+    config = config_for("cluster", grid, "tile", 64)
+    plan = make_method(config).plan_for(_context(CallShape(grid, 0, "none"), 1, 2, v), q, k)
+    assert plan.layout.per_head
+    executor, _ = _ring_rows(q, k, v, 2, 0, "none")[0]
+    with pytest.raises(ValueError, match="orders tokens per head.*use Ulysses"):
+        executor.run(plan)
