@@ -8,8 +8,8 @@ Two doors, chosen per processor (DESIGN.md, "Intercept, don't rewrite"):
 
 Either way the call lands in ``AttentionSite.attend`` of the self-attention module that is
 running, found through a context variable the module's hook sets for the duration of its forward.
-Under diffusers' context parallelism (Ulysses or ring) the backend runs our plans on the whole
-sequence of a rank's heads (``parallel/``). A call with no running site (or an argument we do not model: dropout,
+Under diffusers' context parallelism the backend runs our plans on the whole sequence of a rank's
+heads (Ulysses) or on a rank's rows round the ring (ring): ``parallel/``. A call with no running site (or an argument we do not model: dropout,
 causal, GQA, an unsupported kind of context parallelism) goes to the attention the model would have used; with a site, that fallback is counted
 and warned about (``AttentionSite._warn_once``). ``bypass_reason`` says why a self-attention
 module's forward never reached us (its processor or backend was swapped after ``accelerate``).

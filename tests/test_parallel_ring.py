@@ -2,8 +2,8 @@
 against the KV chunks in ring order and merged by LSE, equal those rows of the whole-sequence plan
 (float64 reference) for static, dynamic and per-head-table plans, with text before or after the grid
 (rows scattered over the plan's blocks), key padding, degree 2 and 3; chunks a rank's rows keep no
-block of are never computed; dense and kept mass match the one-process ones; a per-head token order
-is refused. The spawned 2-process runs on pipelines are in test_parallel_joint.py."""
+block of are never computed; dense and kept mass match the one-process ones; plans with a token
+order per head (cluster, heads) run head by head. The spawned 2-process runs on pipelines are in test_parallel_joint.py."""
 
 from __future__ import annotations
 
@@ -113,12 +113,15 @@ def test_chunks_whose_blocks_the_plan_drops_for_a_rank_are_not_computed():
     assert ran == ["reference"] * degree
 
 
-def test_a_plan_with_a_token_order_per_head_is_refused():
-    grid = (2, 8, 16)
-    q, k, v = _inputs(1, math.prod(grid), 2, 16, seed=2)
-    config = config_for("cluster", grid, "tile", 64)
-    plan = make_method(config).plan_for(_context(CallShape(grid, 0, "none"), 1, 2, v), q, k)
-    assert plan.layout.per_head
-    executor, _ = _ring_rows(q, k, v, 2, 0, "none")[0]
-    with pytest.raises(ValueError, match="orders tokens per head.*use Ulysses"):
-        executor.run(plan)
+@pytest.mark.parametrize("name", ["cluster", "heads"])
+def test_a_plan_with_a_token_order_per_head_runs_head_by_head(name):
+    grid, text_len, position, degree = (2, 8, 16), 20, "prefix", 2
+    B, H = 1, 3
+    S = math.prod(grid) + text_len
+    q, k, v = _inputs(B, S, H, 16, seed=2)
+    config = config_for(name, grid, "tile", 64)
+    plan = make_method(config).plan_for(_context(CallShape(grid, text_len, position), B, H, v), q, k)
+    assert plan.layout.per_head and float(plan.density) < 0.95  # heads: its temporal heads' own order
+    expected = plan_reference(plan, q, k, v)
+    for executor, rows in _ring_rows(q, k, v, degree, text_len, position):
+        torch.testing.assert_close(executor.run(plan).double(), expected[:, rows], rtol=1e-4, atol=1e-5)

@@ -3,13 +3,15 @@
 Under Ulysses (``ContextParallelConfig(ulysses_degree=P)``) each rank holds 1/P of the sequence
 between attention calls; diffusers' templated Ulysses attention all-to-alls q, k, v so that every
 rank holds the *whole* sequence for H/P heads, calls the backend's forward op, and all-to-alls the
-output back. Under ring (``ring_degree=P``) ditaccel does that exchange itself over the ring group
-instead of running diffusers' ring loop (``attend.py`` says why). Either way ditaccel's plan runs on
-the whole sequence of a rank's heads: methods plan each head from that head's q and k only, so the
-plan of every head is the one a single process makes for it, and the output is the single-process
+output back; ditaccel's plan runs on that whole sequence of a rank's heads (methods plan each head
+from that head's q and k only, so every head's plan is the one a single process makes for it).
+Under ring (``ring_degree=P``) a rank keeps its 1/P of the sequence for every head: ditaccel makes
+the whole call's plan (a dynamic method from q, k, v all-gathered over the ring group), and runs the
+rank's rows against the KV chunks as they rotate round the ring, skipping chunks the plan keeps
+nothing of for those rows, merging by LSE (``ring.py``). Either way the output is the single-process
 output. Joint-attention models (text tokens in self-attention: Flux, HunyuanVideo) have their text
 and latent streams split separately by diffusers; ``order.py`` maps the resulting sequence onto the
-model's own order before the plan and back after. Per-head state sees global head indices. Either
+model's own order. Per-head state sees global head indices. Either
 order of ``enable_parallelism`` and ``accelerate`` works: when a plan splits the transformer's own
 inputs before ditaccel's step hook reads them (Flux, parallelism enabled second), the hook reads its
 facts from the inputs gathered back (``whole_inputs``).
@@ -20,7 +22,8 @@ attention call, before any output), with the reason:
 - text in self-attention on a model whose adapter does not state how diffusers splits its streams
   (``ModelAdapter.context_parallel_streams``), or whose dense tokens are not one text run before or
   after the latent grid's (a planning ``token_order``: Kontext, Framepack, ...);
-- a text or latent length that does not divide by the degree; under ring, heads that do not.
+- a text or latent length that does not divide by the degree;
+- under ring, a per-query attention mask (only key masks), or cross-attention.
 """
 
 from __future__ import annotations

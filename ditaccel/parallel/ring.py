@@ -21,8 +21,8 @@ attention mass of renormalise (kept LSE against dense LSE). What it costs agains
 blocks: where a plan's block straddles two ranks' rows (tiles cut by the chunk boundary), both
 ranks compute that block, each for its own rows.
 
-Refused (at the first attention call, before any output): a plan with one token order per head
-(``cluster``): its slots differ per head, so a rank's rows sit in different blocks for each head.
+A plan with one token order per head (``cluster``; ``heads`` with temporal heads) puts a rank's rows
+in other blocks for every head: it runs head by head, one restricted plan per head.
 """
 
 from __future__ import annotations
@@ -106,34 +106,36 @@ class RingCall:
             whole[:, self.chunk_positions[c].to(x.device)] = piece
         return whole
 
-    def chunk_slots(self, layout, chunk: int, device) -> ChunkSlots:
-        key = (id(layout), chunk)
+    def chunk_slots(self, layout, chunk: int, device, head: int | None = None) -> ChunkSlots:
+        """Where chunk ``chunk``'s tokens sit in ``layout``'s slots (``head``: that head's, for a layout
+        with one token order per head)."""
+        key = (id(layout), chunk, head)
         hit = self._slots.get(key)
         if hit is None or hit[0] is not layout:
-            if layout.per_head:
-                raise ValueError("ditaccel: ring context parallelism with a plan that orders tokens per head "
-                                 "(method 'cluster') is not supported: a rank's rows sit in other blocks for every "
-                                 "head; use Ulysses (ulysses_degree=N) for it, or a method with one token order")
-            inverse = layout.device_index("inverse", device)  # model token -> slot
+            inverse = layout.device_index("inverse", device)  # model token -> slot ([H, S] per head)
+            if head is not None:
+                inverse = inverse[head]
             slots = ChunkSlots.of(inverse[self.chunk_positions[chunk].to(device)], layout.block_size,
                                   layout.num_slots)
             hit = self._slots[key] = (layout, slots)
         return hit[1]
 
 
-def _sub_block_mask(plan, rows: ChunkSlots, keys: ChunkSlots):
-    """The plan restricted to ``rows``' query blocks x ``keys``' key blocks, on sub-sequences of one
-    length (the larger block count; the other side's extra blocks are empty): (BlockMask, any kept)."""
+def _sub_block_mask(plan, rows: ChunkSlots, keys: ChunkSlots, head: int | None = None):
+    """The plan restricted to ``rows``' query blocks x ``keys``' key blocks (``head``: of that head
+    alone, as head 0 of the result), on sub-sequences of one length (the larger block count; the
+    other side's extra blocks are empty): (BlockMask, whether any block pair is kept)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     bs = plan.layout.block_size
     n = max(rows.blocks.numel(), keys.blocks.numel())
 
     def restrict(blocks):
-        b4 = blocks
-        while b4.dim() < 4:
-            b4 = b4.unsqueeze(0)
-        sub = b4.index_select(-2, rows.blocks).index_select(-1, keys.blocks)
+        while blocks.dim() < 4:
+            blocks = blocks.unsqueeze(0)
+        if head is not None and blocks.shape[1] > 1:
+            blocks = blocks[:, head:head + 1]
+        sub = blocks.index_select(-2, rows.blocks).index_select(-1, keys.blocks)
         pad = (0, n - sub.shape[-1], 0, n - sub.shape[-2])
         return torch.nn.functional.pad(sub, pad) if any(pad) else sub
 
@@ -145,7 +147,8 @@ def _sub_block_mask(plan, rows: ChunkSlots, keys: ChunkSlots):
     k_slots = torch.nn.functional.pad(keys.slots, (0, n * bs - keys.slots.numel()), value=int(keys.slots[-1]))
 
     def mask_mod(b, h, q_idx, kv_idx):  # a sub-sequence position -> the plan's own slot, its own rule
-        return base(b, h, q_slots[q_idx.clamp(0, n * bs - 1)], k_slots[kv_idx.clamp(0, n * bs - 1)])
+        return base(b, h if head is None else h + head, q_slots[q_idx.clamp(0, n * bs - 1)],
+                    k_slots[kv_idx.clamp(0, n * bs - 1)])
 
     kv_num, kv_idx = _lists(any_blocks & ~full_blocks)
     full_num, full_idx = _lists(full_blocks)
@@ -218,25 +221,45 @@ class RingExecutor:
         return (weights @ v).to(self.q.dtype), lse
 
     def _plan_chunk(self, plan, chunk, k, v):
+        """This rank's rows against chunk ``chunk``'s keys under ``plan``; None if it keeps no block pair.
+        A plan with one token order per head (cluster, heads with temporal heads) runs head by head."""
+        B, s, H, _ = self.q.shape
+        if not plan.layout.per_head:
+            return self._heads_chunk(plan, chunk, k, v, None)
+        parts = [self._heads_chunk(plan, chunk, k, v, h) for h in range(H)]
+        if all(p is None for p in parts):
+            return None
+        empty = (self.q.new_zeros(B, 1, s, self.v.shape[-1]),
+                 torch.full((B, 1, s), float("-inf"), dtype=torch.float32, device=self.q.device))
+        parts = [empty if p is None else p for p in parts]
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+    def _heads_chunk(self, plan, chunk, k, v, head):
+        """``_plan_chunk`` for every head (``head`` None: one token order for all) or for head ``head``."""
         layout = plan.layout
         device = self.q.device
-        rows = self.ring.chunk_slots(layout, self.ring.peers.rank, device)
-        keys = self.ring.chunk_slots(layout, chunk, device)
-        block_mask, kept = _sub_block_mask(plan, rows, keys)
+        rows = self.ring.chunk_slots(layout, self.ring.peers.rank, device, head)
+        keys = self.ring.chunk_slots(layout, chunk, device, head)
+        block_mask, kept = _sub_block_mask(plan, rows, keys, head)
         if not kept:
             return None
+        q = self.q if head is None else self.q[:, :, head:head + 1]
+        if head is not None:
+            k, v = k[:, :, head:head + 1], v[:, :, head:head + 1]
         n = block_mask.seq_lengths[0]
-        B, s, H, D = self.q.shape
+        B, _, H, _ = q.shape
 
         def sub(x, at):  # [B, s, H, D] -> [B, H, n, D], the tokens at their sub-sequence positions
             out = x.new_zeros(B, H, n, x.shape[-1])
             out[:, :, at] = x.transpose(1, 2)
             return out
 
-        qs, ks, vs = sub(self.q, rows.at), sub(k, keys.at), sub(v, keys.at)
-        valid = torch.zeros(B, 1 if self.key_valid is None else self.key_valid.shape[1], n, dtype=torch.bool,
-                            device=device)
+        qs, ks, vs = sub(q, rows.at), sub(k, keys.at), sub(v, keys.at)
         chunk_valid = self._chunk_key_valid(chunk)
+        if chunk_valid is not None and head is not None and chunk_valid.shape[1] > 1:
+            chunk_valid = chunk_valid[:, head:head + 1]
+        valid = torch.zeros(B, 1 if chunk_valid is None else chunk_valid.shape[1], n, dtype=torch.bool,
+                            device=device)
         valid[:, :, keys.at] = True if chunk_valid is None else chunk_valid
         name, execute = select_executor(self.backend, qs, ks, vs, block_mask)
         out, lse = execute(qs, ks, vs, block_mask, self.scale, key_valid=valid, return_lse=True)
