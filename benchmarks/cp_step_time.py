@@ -1,9 +1,13 @@
 """CPU sanity check (not a speed claim): the time of a denoising step of the embedded (Wan) pipeline in
 2 processes under diffusers' Ulysses context parallelism (gloo) vs the same step in 1 process, for
-the dense pipeline and for ditaccel's method (the embedded preset by default) on top of it.
+the dense pipeline and for ditaccel's method (the embedded preset by default) on top of it; with
+``--cp ring`` under ring context parallelism instead (ditaccel's LSE ring: diffusers' native attention
+returns no LSE, so the dense 2-process side is ditaccel's ``dense`` method, whose attention is the
+exact dense ring).
 
     python benchmarks/cp_step_time.py                      # 144x192x17 (2,160 tokens), 3 steps, 3 repeats
     python benchmarks/cp_step_time.py --size 256x256x17 --repeats 2 --json cp.json
+    python benchmarks/cp_step_time.py --cp ring
 
 One command: it spawns the 2 ranks itself. Rank 0 holds a plain copy of the pipeline and a
 context-parallel one; repeats interleave: a 1-process run on rank 0 (``--single-threads`` threads,
@@ -59,7 +63,7 @@ def _worker(rank: int, port: int, args, results) -> None:
         device, dtype = torch.device("cpu"), torch.float32
         size = parse_size(args.size)
         pipe_cp, defaults = load_pipeline(None, device, dtype)
-        enable_context_parallel(pipe_cp, {"ulysses": WORLD})
+        enable_context_parallel(pipe_cp, {args.cp: WORLD})
         pipe_one = load_pipeline(None, device, dtype)[0] if rank == 0 else None
         call = call_arguments(pipe_cp, defaults, DEFAULT_PROMPT, steps=args.steps, height=size.height,
                               width=size.width, frames=size.frames, guidance=None)
@@ -67,12 +71,16 @@ def _worker(rank: int, port: int, args, results) -> None:
         def accelerated(pipe, method):
             return ditaccel.accelerate(pipe, None if method == "preset" else method, dense_steps=args.dense_steps)
 
+        def plain(pipe, method):  # the pipeline's own attention (ring: none runs on CPU, see the module doc)
+            return method == "dense" and not (pipe is pipe_cp and args.cp == "ring")
+
         def step_ms(pipe, method):
-            if method == "dense":
+            if plain(pipe, method):
                 run = timed_run(pipe, call, seed=0, device=device, label="dense", progress=False)
             else:
                 with accelerated(pipe, method) as handle:
-                    handle.observe(lambda info, q, k, v: out.__setitem__("tokens", q.shape[1]))
+                    if pipe is pipe_one:  # the whole sequence (a ring rank sees its rows only)
+                        handle.observe(lambda info, q, k, v: out.__setitem__("tokens", q.shape[1]))
                     run = timed_run(pipe, call, seed=0, device=device, label=method, progress=False)
                     if rank == 0:
                         out["methods"][method] = handle.config.method
@@ -85,11 +93,11 @@ def _worker(rank: int, port: int, args, results) -> None:
             # warm-up, untimed: both sides once
             if rank == 0:
                 torch.set_num_threads(max(args.single_threads))
-                with accelerated(pipe_one, method) if method != "dense" else _nothing():
+                with accelerated(pipe_one, method) if not plain(pipe_one, method) else _nothing():
                     warm_up(pipe_one, call, seed=0, steps=2)
             dist.barrier()
             torch.set_num_threads(1)
-            with accelerated(pipe_cp, method) if method != "dense" else _nothing():
+            with accelerated(pipe_cp, method) if not plain(pipe_cp, method) else _nothing():
                 warm_up(pipe_cp, call, seed=0, steps=2)
             dist.barrier()
             one, two = {t: [] for t in args.single_threads}, []
@@ -126,6 +134,7 @@ class _nothing:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cp", choices=("ulysses", "ring"), default="ulysses", help="context parallelism (default ulysses)")
     p.add_argument("--size", default="144x192x17", help="HxWxF (default: the embedded pipeline's trained size)")
     p.add_argument("--steps", type=int, default=3, help="denoising steps per run (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved 1-process / 2-process runs (default 3)")
@@ -164,7 +173,7 @@ def main(argv=None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"embedded pipeline {out['size']} ({out.get('tokens')} video tokens), {args.steps} steps, {args.repeats} "
           f"interleaved repeats, CPU ({os.cpu_count()} cores, load average at the end {load[0]:.1f}); "
-          f"1 process x N threads vs 2 processes x 1 thread under Ulysses (gloo)")
+          f"1 process x N threads vs 2 processes x 1 thread under {args.cp} (gloo)")
     print(f"{'method':<8} {'density':>7} {'threads':>7} {'1-proc step ms':>14} {'2-proc step ms':>14} {'2p/1p':>6}  "
           f"{'latent rel-L2':>13}  repeats (1p | 2p)")
     for method in args.methods:
@@ -176,7 +185,8 @@ def main(argv=None) -> int:
             print(f"{name:<8} {density if density is not None else 1.0:>7.3f} {threads:>7} {one:>14.1f} {two:>14.1f} "
                   f"{two / one:>6.2f}  {out['rel_l2'][method]:>13.2e}  "
                   f"{' '.join(f'{x:.0f}' for x in runs)} | {' '.join(f'{x:.0f}' for x in out['two'][method])}")
-    print("density: the 2-process run's rank 0 (its heads); latent rel-L2: 2-process vs the last 1-process run")
+    print("density: the 2-process run's rank 0 (Ulysses: its heads; ring: its rows); latent rel-L2: 2-process vs the "
+          "last 1-process run")
     print("a sanity check on a shared CPU, not a speed claim: context parallelism pays off across devices, "
           "which one machine's cores are not")
     if args.json:

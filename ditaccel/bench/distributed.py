@@ -303,7 +303,8 @@ class DistributedBenchRun(BenchRun):
         except Exception as exc:  # noqa: BLE001 - re-raised as bad input, with what to do
             hint = ("; diffusers' ring attention needs an attention backend that returns the LSE (flash, "
                     "_native_cudnn, sage: CUDA only), and the bench runs the pipeline's own backend, which here "
-                    "does not; use --cp ulysses=N" if "lse" in str(exc).lower() else "")
+                    "does not (ditaccel's own side runs under ring: its LSE ring; benchmarks/cp_step_time.py --cp ring "
+                    "times it against ditaccel's exact dense ring); use --cp ulysses=N" if "lse" in str(exc).lower() else "")
             raise ValueError(f"{where}: the dense reference (the pipeline's own attention under diffusers' context "
                              f"parallelism) fails before ditaccel runs: {type(exc).__name__}: {exc}{hint}") from None
 
