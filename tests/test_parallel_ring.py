@@ -3,7 +3,9 @@ against the KV chunks in ring order and merged by LSE, equal those rows of the w
 (float64 reference) for static, dynamic and per-head-table plans, with text before or after the grid
 (rows scattered over the plan's blocks), key padding, degree 2 and 3; chunks a rank's rows keep no
 block of are never computed; dense and kept mass match the one-process ones; plans with a token
-order per head (cluster, heads) run head by head. The spawned 2-process runs on pipelines are in test_parallel_joint.py."""
+order per head (cluster, heads) run head by head. And one real ring in the default run: 2 processes over
+gloo on a bare Flux transformer with 3 heads (not divisible by the degree), tile and topk, equal to one
+process; the spawned 2-process runs on pipelines of every family are in test_parallel_joint.py (slow)."""
 
 from __future__ import annotations
 
@@ -125,3 +127,69 @@ def test_a_plan_with_a_token_order_per_head_runs_head_by_head(name):
     expected = plan_reference(plan, q, k, v)
     for executor, rows in _ring_rows(q, k, v, degree, text_len, position):
         torch.testing.assert_close(executor.run(plan).double(), expected[:, rows], rtol=1e-4, atol=1e-5)
+
+
+# --- a real ring: 2 processes over gloo (default run: one bare transformer, seconds) --------------------
+
+def _flux_model(heads: int):
+    from diffusers import FluxTransformer2DModel
+    from tiny_families import _FLUX_KW, _finish
+    from tiny_pipelines import _seeded
+
+    with _seeded(0):
+        model = FluxTransformer2DModel(**dict(_FLUX_KW, num_attention_heads=heads), pooled_projection_dim=32)
+    return _finish(model)
+
+
+RING_METHODS = {"tile": dict(tile=(1, 8, 8), window=(1, 1, 1), block_size=64, dense_steps=1),
+                "topk": dict(topk=0.5, block_size=64, dense_steps=1)}
+
+
+def _ring_worker(rank, port, results):
+    from gloo_spawn import init_gloo, reporting
+
+    with reporting(rank, results):
+        init_gloo(rank, 2, port)
+        from diffusers import ContextParallelConfig
+        from tiny_families import _flux_kwargs
+
+        import ditaccel
+
+        inputs = _flux_kwargs(1, 16, 24)  # 384 image tokens after 6 text tokens: 3 text + 192 image a rank
+
+        def run(model):  # step 0 dense, step 1 sparse (falling timesteps)
+            with torch.no_grad():
+                return torch.cat([model(**dict(inputs, timestep=torch.tensor([t])))[0] for t in (0.9, 0.5)])
+
+        base = _flux_model(heads=3)  # 3 heads over 2 ranks: the ring keeps every head on every rank
+        plain, single = run(base), {}
+        for name, kw in RING_METHODS.items():
+            with ditaccel.accelerate(base, name, **kw):
+                single[name] = run(base)
+        model = _flux_model(heads=3)
+        model.enable_parallelism(config=ContextParallelConfig(ring_degree=2))
+        out = {}
+        for name, kw in RING_METHODS.items():
+            with ditaccel.accelerate(model, name, **kw) as handle:
+                got = run(model)
+                paths = handle.stats()["paths"]
+            out[name] = dict(rel=_rel(got, single[name]), sparse_vs_dense=_rel(single[name], plain),
+                             sparse=paths["sparse"], fallback=paths["dense_by_fallback"],
+                             finite=bool(torch.isfinite(got).all()))
+        results[rank] = out
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_two_process_ring_equals_one_process_on_a_joint_attention_transformer():
+    from gloo_spawn import spawn
+
+    results = spawn(_ring_worker, 2, 300)
+    for rank in range(2):
+        assert "error" not in results[rank], results[rank].get("error")
+        for name, r in results[rank].items():
+            assert r["sparse_vs_dense"] > 1e-3, (name, r)  # the method really changed the output
+            assert r["rel"] < 1e-5 and r["finite"], (rank, name, r)
+            assert r["sparse"] == 2 and r["fallback"] == {}, (rank, name, r)  # 2 blocks x step 1, on this rank's rows
