@@ -2,7 +2,7 @@
 validation, the round-robin cell split, merging the ranks' shares and stats), and -- ``slow`` -- the
 per-cell collectives in 2 gloo processes without a model (a cell failing on one rank only), and a
 real 2-process gloo run under ``python -m torch.distributed.run`` (data parallel, ``--cp ulysses=2``,
-a refused ``--cp ring=2``) of a tiny 3-cell matrix against a 1-process run of the same matrix."""
+``--cp ring=2``) of a tiny 3-cell matrix against a 1-process run of the same matrix."""
 
 from __future__ import annotations
 
@@ -289,14 +289,14 @@ def single_process(tmp_path_factory):
     return tmp, json.loads((tmp / "one" / "results.json").read_text())
 
 
-def _same_cells(got: dict, ref: dict, *, attention_error_rel: float = 1e-6) -> None:
+def _same_cells(got: dict, ref: dict, *, attention_error_rel: float = 1e-6, quality_rel: float = 1e-6) -> None:
     assert [c["key"] for c in got["cells"]] == [c["key"] for c in ref["cells"]]  # every cell once, matrix order
     assert got["complete"] is True and set(got) - set(ref) == {"distributed"}
     for g, r in zip(got["cells"], ref["cells"]):
         assert g["status"] == r["status"] == "ok", (g["key"], g.get("error"))
         for name in QUALITY:
             a, b = g["metrics"][name], r["metrics"][name]
-            assert (a is None and b is None) or abs(a - b) <= 1e-6 * max(1.0, abs(b)), (g["key"], name, a, b)
+            assert (a is None and b is None) or abs(a - b) <= quality_rel * max(1.0, abs(b)), (g["key"], name, a, b)
         assert g["metrics"]["identical"] == r["metrics"]["identical"]
         a, b = g["metrics"]["attention_error"], r["metrics"]["attention_error"]
         assert abs(a - b) <= attention_error_rel * max(1e-12, abs(b)), (g["key"], a, b)
@@ -332,19 +332,14 @@ def test_two_process_runs_match_one_process(single_process):
         assert g["density"]["calls"] == 2 * r["density"]["calls"]  # merged: every rank ran every call
         assert g["sparsity"]["ran_sparse"] == r["sparsity"]["ran_sparse"]
 
-    # Ring: stopped before any cell with the reason, either ditaccel's (while parallel.py refuses ring) or
-    # diffusers' (its ring attention needs an LSE-returning backend for the dense side: none on a CPU).
-    from diffusers import ContextParallelConfig
-
-    from ditaccel.parallel import unsupported
-
-    reason = unsupported(ContextParallelConfig(ring_degree=2), "none")
-    done = _torchrun(["--matrix", matrix, "--out", str(tmp / "ring"), "--no-progress", "--cp", "ring=2"], timeout=300)
-    assert done.returncode != 0 and not (tmp / "ring").exists()
-    refusals = [ln for ln in done.stderr.splitlines() if ln.startswith("ditaccel bench: error: --cp ring=2")]
-    assert refusals, done.stderr[-3000:]
-    if reason is not None:
-        assert "ditaccel refuses to run under it" in refusals[0] and " ".join(reason.split()) in refusals[0]
-    else:
-        assert "the dense reference" in refusals[0] and "needs an attention backend that returns the LSE" in refusals[0]
-        assert "use --cp ulysses=N" in refusals[0]
+    # Ring: ditaccel's LSE ring on the accelerated side, its exact dense ring on the dense side (diffusers'
+    # native attention returns no LSE). Same figures up to float rounding: the merge order differs.
+    done = _torchrun(["--matrix", matrix, "--out", str(tmp / "ring"), "--no-progress", "--cp", "ring=2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ring = json.loads((tmp / "ring" / "results.json").read_text())
+    _same_cells(ring, ref, quality_rel=1e-5, attention_error_rel=0.05)  # error: the mean of each rank's rows'
+    d = ring["distributed"]
+    assert d["cp"] == "ring=2" and "LSE" in d["dense_reference"]
+    for g, r in zip(ring["cells"], ref["cells"]):
+        assert g["density"]["calls"] == 2 * r["density"]["calls"]
+        assert g["sparsity"]["ran_sparse"] == r["sparsity"]["ran_sparse"]

@@ -17,9 +17,10 @@ Two modes:
   stats: call counts and paths merged by :func:`ditaccel.parallel.merged_stats`, densities and
   attention errors averaged over the ranks (each rank's plans cover its H/P heads). Timings are
   rank 0's wall time of the collective steps. If ditaccel refuses the mode on a model (the check
-  ``accelerate`` makes before the first step), or diffusers cannot run the dense side under it (one
-  untimed dense step of the first cell: diffusers' ring needs a backend that returns the LSE, which
-  its native one does not), the run stops with that reason before any cell.
+  ``accelerate`` makes before the first step), or the dense side cannot run under it (one untimed
+  dense step of the first cell), the run stops with that reason before any cell. Under ring the
+  dense side is ditaccel's ``dense`` method (exact attention, ditaccel's LSE ring): diffusers' ring
+  needs a dense backend that returns the LSE, which its native one (the only one on CPU) does not.
 
 Process group: gloo on CPU, nccl on CUDA; on CUDA each rank takes ``cuda:LOCAL_RANK``.
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +253,14 @@ class DistributedBenchRun(BenchRun):
                                        "timing": timing, "ranks": None}
         if cp:
             self.merge = self._merge_cell
+        if cp and "ring" in cp:
+            # diffusers' ring needs a dense attention that returns its LSE, which its native backend
+            # (the only one on CPU) does not: the dense side runs ditaccel's dense method, whose
+            # attention under ring is ditaccel's exact dense ring (parallel/ring.py).
+            self.dense_side = _ditaccel_dense
+            self.results["distributed"]["dense_reference"] = (
+                "ditaccel's 'dense' method: exact attention over the KV chunks rotating round the ring, merged by "
+                "LSE (diffusers' native attention cannot run under ring: it returns no LSE)")
 
     def _cells(self) -> list[Cell]:
         cells = self.matrix.cells()
@@ -299,7 +308,8 @@ class DistributedBenchRun(BenchRun):
         # parallelism: one untimed step of the first cell's call shows whether diffusers can run it.
         try:
             call, seed = first_call()
-            warm_up(pipe, call, seed=seed, steps=1)
+            with self.dense_side(pipe) if self.dense_side is not None else nullcontext():
+                warm_up(pipe, call, seed=seed, steps=1)
         except Exception as exc:  # noqa: BLE001 - re-raised as bad input, with what to do
             hint = ("; diffusers' ring attention needs an attention backend that returns the LSE (flash, "
                     "_native_cudnn, sage: CUDA only), and the bench runs the pipeline's own backend, which here "
@@ -374,6 +384,12 @@ class DistributedBenchRun(BenchRun):
                            if what == "block_maps"}
         self.key_frames = {key: v for (what, key), (_, v) in sorted(first.items(), key=lambda kv: kv[1][0])
                            if what == "key_frames"}
+
+
+def _ditaccel_dense(pipe):
+    import ditaccel
+
+    return ditaccel.accelerate(pipe, "dense")
 
 
 def _group(record: dict) -> tuple:

@@ -15,6 +15,7 @@ report) replaces the previous run's at the end — an interrupted run leaves ``-
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -72,12 +73,13 @@ def comparison_fields(comparison) -> dict:
 
 
 def run_cell(pipe, cell: Cell, call: dict, matrix: BenchMatrix, dense_runs=None,
-             merge=None) -> tuple[dict, dict | None, object]:
+             merge=None, dense_side=None) -> tuple[dict, dict | None, object]:
     """(record, block map, comparison) of one cell; never raises on a failing method (KeyboardInterrupt passes).
 
     ``merge(comparison or None, error or None) -> (comparison or None, error or None)``: called once
     per cell whether it ran or failed (under context parallelism it is a collective over the ranks,
-    which must all call it, see :mod:`.distributed`); what it returns is what the record shows."""
+    which must all call it, see :mod:`.distributed`); what it returns is what the record shows.
+    ``dense_side``: what ``evaluate`` runs the dense side inside (see there)."""
     from ..eval.engine import resolve
 
     record = cell_record(cell)
@@ -90,7 +92,7 @@ def run_cell(pipe, cell: Cell, call: dict, matrix: BenchMatrix, dense_runs=None,
         probe = MaskProbe(config, num_steps - 1, matrix.mask_layer)
         comparison = evaluate(pipe, config, call=call, seed=cell.seed, repeats=matrix.repeats, warmup=matrix.warmup,
                               model_name=cell.model, dense_runs=dense_runs, observe=probe, progress=False,
-                              error_steps=sampled_error_steps(num_steps, matrix.error_steps))
+                              error_steps=sampled_error_steps(num_steps, matrix.error_steps), dense_side=dense_side)
     except Exception as exc:  # noqa: BLE001 - a failing cell is a result; the matrix goes on
         error = (f"{type(exc).__name__}: {' '.join(str(exc).split())}", traceback.format_exc(limit=-6))
     if merge is not None:
@@ -118,9 +120,11 @@ class BenchRun:
     """The state of one ``ditaccel bench`` run: results (what results.json holds), block maps, key frames.
 
     ``write=False``: no files at all (a distributed run's other ranks: rank 0 writes). The methods
-    ``_cells``, ``_device``, ``_load``, ``_prepare`` and ``merge`` are what :mod:`.distributed` changes."""
+    ``_cells``, ``_device``, ``_load``, ``_prepare``, ``merge`` and ``dense_side`` are what
+    :mod:`.distributed` changes."""
 
     merge = None  # see run_cell
+    dense_side = None  # see run_cell
 
     def __init__(self, matrix: BenchMatrix, out: Path, *, progress: bool = True, write: bool = True):
         self.matrix = matrix
@@ -204,7 +208,8 @@ class BenchRun:
                 continue
             for cell in group:
                 bar.set_postfix_str(f"{model} {cell.size.label} seed={cell.seed}: {cell.method.label}", refresh=True)
-                record, block_map, comparison = run_cell(pipe, cell, call, self.matrix, shared, merge=self.merge)
+                record, block_map, comparison = run_cell(pipe, cell, call, self.matrix, shared, merge=self.merge,
+                                                      dense_side=self.dense_side)
                 record["model_pipeline"] = type(pipe).__name__
                 key = (cell.model, cell.method.label, cell.size.label)
                 if block_map is not None:
@@ -225,9 +230,10 @@ class BenchRun:
                               width=s.width, frames=s.frames, guidance=m.guidance)
 
     def _dense(self, pipe, call: dict, seed: int):
-        warm_up(pipe, call, seed=seed, steps=1)
-        run = timed_run(pipe, call, seed=seed, device=torch.device(pipe._execution_device), label="dense",
-                        progress=False)
+        with self.dense_side(pipe) if self.dense_side is not None else contextlib.nullcontext():
+            warm_up(pipe, call, seed=seed, steps=1)
+            run = timed_run(pipe, call, seed=seed, device=torch.device(pipe._execution_device), label="dense",
+                            progress=False)
         if not run.step_s:
             raise ValueError("the dense run reported no denoising steps (does the pipeline call callback_on_step_end?)")
         return run

@@ -18,6 +18,7 @@ Protocol (the same for ``compare``, ``bench``, the demo and the calibrator):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable
@@ -79,7 +80,7 @@ def _warmup_steps(config, steps: int | None) -> int | None:
 def evaluate(pipe, method=None, *, overrides: dict | None = None, call: dict, seed: int = 0, repeats: int = 2,
              warmup: int = 0, model_name: str | None = None, dense_runs: list[RunResult] | None = None,
              error_steps=None, observe=None, progress: bool = True, say: Say | None = None,
-             stop=None) -> Comparison:
+             stop=None, dense_side=None) -> Comparison:
     """Dense vs accelerated ``pipe(**call)`` with ``seed``; see the module doc for the protocol.
 
     ``method``/``overrides``: what ``ditaccel.accelerate`` takes. ``dense_runs``: dense runs made
@@ -88,6 +89,8 @@ def evaluate(pipe, method=None, *, overrides: dict | None = None, call: dict, se
     attention error against dense is measured (those steps then leave the timing, on both sides).
     ``observe(info, q, k, v)``: called on every self-attention call of the first accelerated run.
     ``say``: progress lines for people. ``stop``: a callable; True interrupts the current run.
+    ``dense_side(pipe)``: a context manager every dense run goes inside (None: the pipeline as it is;
+    the distributed bench under ring context parallelism runs dense attention through ditaccel there).
     """
     import diffusers
 
@@ -100,6 +103,7 @@ def evaluate(pipe, method=None, *, overrides: dict | None = None, call: dict, se
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     say = say or (lambda line: None)
+    dense_side = dense_side or (lambda p: contextlib.nullcontext())
     wall = time.perf_counter()
     _, config = resolve(pipe, method, overrides)
     device = torch.device(pipe._execution_device)
@@ -120,7 +124,8 @@ def evaluate(pipe, method=None, *, overrides: dict | None = None, call: dict, se
     cached = list(dense_runs or [])
     if not cached:
         say("warm-up")
-        warm_up(pipe, call, seed=seed, steps=1)
+        with dense_side(pipe):
+            warm_up(pipe, call, seed=seed, steps=1)
     with accelerated():
         warm_up(pipe, call, seed=seed, steps=_warmup_steps(config, steps))
     if seen.get("grid"):
@@ -128,7 +133,8 @@ def evaluate(pipe, method=None, *, overrides: dict | None = None, call: dict, se
         say(f"latent grid {g[0]}x{g[1]}x{g[2]} = {g[0] * g[1] * g[2]:,} video tokens")
     for _ in range(warmup):
         if not cached:
-            warm_up(pipe, call, seed=seed)
+            with dense_side(pipe):
+                warm_up(pipe, call, seed=seed)
         with accelerated():
             warm_up(pipe, call, seed=seed)
 
@@ -141,8 +147,9 @@ def evaluate(pipe, method=None, *, overrides: dict | None = None, call: dict, se
         for r in range(repeats):
             if not cached:
                 say(f"dense run {r + 1}/{repeats}")
-                dense_list.append(timed_run(pipe, call, seed=seed, device=device, label="dense", progress=progress,
-                                            stop=stop))
+                with dense_side(pipe):
+                    dense_list.append(timed_run(pipe, call, seed=seed, device=device, label="dense",
+                                                progress=progress, stop=stop))
             say(f"{config.method} run {r + 1}/{repeats}")
             first = r == 0
             with accelerated(observe if first else None, tracked if first else None) as handle:
