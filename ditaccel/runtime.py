@@ -336,9 +336,10 @@ class AttentionSite:
         out = self._attend(call, q, k, v, attn_mask, scale, lambda: dense().index_select(1, order), head_offset)
         return out.index_select(1, inverse)
 
-    def attend_ring(self, ring, executor):
+    def attend_ring(self, ring, executor, head_offset: int = 0):
         """This rank's rows under ring context parallelism (``parallel/ring.py``): ``executor`` (a
-        ``RingExecutor``) holds the call's q, k, v rows and runs plans, and dense attention, round the ring."""
+        ``RingExecutor``) holds the call's q, k, v rows and runs plans, and dense attention, round the ring.
+        ``head_offset``: the model's index of head 0 here (ring combined with Ulysses: a rank holds H/U)."""
         rt = self.runtime
         call = rt.current
         self.reached += 1
@@ -354,7 +355,8 @@ class AttentionSite:
         if call.text_len is None:
             T, H_, W = call.grid
             call = dataclasses.replace(call, text_len=max(ring.seq_len - T * H_ * W, 0))
-        return self._attend(call, q, executor.k, executor.v, None, executor.scale, executor.dense, ring=executor)
+        return self._attend(call, q, executor.k, executor.v, None, executor.scale, executor.dense, head_offset,
+                            ring=executor)
 
     def _attend(self, forward: ForwardInfo, q, k, v, attn_mask, scale, dense, head_offset: int = 0, ring=None):
         rt = self.runtime

@@ -57,7 +57,6 @@ def test_sequence_map_is_the_identity_without_text_and_refuses_uneven_streams():
 
 
 @pytest.mark.parametrize("flags,expect", [
-    (dict(ulysses=2, ring=2), r"Ulysses combined with ring context parallelism \(ulysses_degree=2, ring_degree=2\)"),
     (dict(ulysses=2, ulysses_anything=True), r"ulysses_anything=True \(ulysses_degree=2, ring_degree=1\) is not"),
     (dict(ring=2, ring_anything=True), r"ring_anything=True \(ulysses_degree=1, ring_degree=2\) is not"),
 ])

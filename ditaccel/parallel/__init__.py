@@ -18,7 +18,7 @@ facts from the inputs gathered back (``whole_inputs``).
 
 What is refused, before the first step (or, for what only an attention call shows, at the first
 attention call, before any output), with the reason:
-- Ulysses combined with ring, ``ulysses_anything`` and ``ring_anything`` (uneven splits);
+- ``ulysses_anything`` and ``ring_anything`` (uneven splits);
 - text in self-attention on a model whose adapter does not state how diffusers splits its streams
   (``ModelAdapter.context_parallel_streams``), or whose dense tokens are not one text run before or
   after the latent grid's (a planning ``token_order``: Kontext, Framepack, ...);
@@ -50,10 +50,6 @@ def unsupported(cp, text_position: str | None, streams_split: bool | None = None
     if cp is None:
         return None
     degrees = _degrees(cp)
-    ulysses, ring = cp.ulysses_degree or 1, cp.ring_degree or 1
-    if ulysses > 1 and ring > 1:
-        return (f"Ulysses combined with ring context parallelism ({degrees}) is not supported by ditaccel; "
-                "use one of them (ulysses_degree=N or ring_degree=N)")
     if getattr(cp, "ulysses_anything", False):
         return f"ulysses_anything=True ({degrees}) is not supported by ditaccel; use plain Ulysses"
     if getattr(cp, "ring_anything", False):
@@ -75,7 +71,7 @@ def unsupported_forward(cp, model: str, grid, text_len, text_position: str, toke
     ``model``: the transformer's class name, for the message."""
     if cp is None or dense_reason:
         return None  # a forward ditaccel runs dense anyway (its reason is counted at each call)
-    degree = max(cp.ulysses_degree or 1, cp.ring_degree or 1)
+    degree = (cp.ulysses_degree or 1) * (cp.ring_degree or 1)  # the sequence splits over every rank
     head = f"{model} under context parallelism ({_degrees(cp)})"
     if token_order is not None:
         return (f"{head}: this forward's dense tokens are not one text run before or after the latent grid (a "

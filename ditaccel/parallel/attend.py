@@ -81,27 +81,52 @@ def ulysses_attend(site, query, key, value, attn_mask, scale, parallel_config):
                                                  _parallel_config=parallel_config)
 
 
-def _model_order_key_mask(mask: torch.Tensor, ring, local_len: int) -> torch.Tensor:
-    """A key mask of this rank's keys (last dim ``local_len``: diffusers split it with the keys) or of
-    the whole sequence (never split: already in the model's order) -> the whole sequence's, in the
-    model's order."""
+def _model_order_key_mask(mask: torch.Tensor, ring, group, pieces: int) -> torch.Tensor:
+    """A key mask of this rank's keys (diffusers split it with them over the ``pieces`` ranks of
+    ``group``, the flattened context-parallel mesh) or of the whole sequence (never split: already in
+    the model's order) -> the whole sequence's, in the model's order."""
     import torch.distributed as dist
 
     if mask.shape[-1] == ring.seq_len:
         return mask
     local = mask.contiguous()
     wire = local.to(torch.uint8) if local.dtype == torch.bool else local  # gloo gathers no bool
-    pieces = [torch.empty_like(wire) for _ in range(ring.peers.degree)]
-    dist.all_gather(pieces, wire, group=ring.peers.group)
+    gathered = [torch.empty_like(wire) for _ in range(pieces)]
+    dist.all_gather(gathered, wire, group=group)
     whole = torch.empty(*local.shape[:-1], ring.seq_len, dtype=wire.dtype, device=local.device)
-    for c, piece in enumerate(pieces):
-        whole[..., ring.chunk_positions[c].to(local.device)] = piece
+    positions = ring.chunk_positions.flatten().view(pieces, -1).to(local.device)  # piece i's model positions
+    for piece, values in enumerate(gathered):
+        whole[..., positions[piece]] = values
     return whole.to(local.dtype)
 
 
+def _sequence_for_heads(x: torch.Tensor, degree: int, group) -> torch.Tensor:
+    """[B, s, H, D] (this rank's tokens, every head) -> [B, degree * s, H / degree, D] (the group's
+    tokens side by side, this rank's heads): Ulysses' all-to-all, over ``group``."""
+    from diffusers.models.attention_dispatch import _all_to_all_single
+
+    B, s, H, D = x.shape
+    x = x.reshape(B, s, degree, H // degree, D).permute(2, 1, 0, 3, 4).contiguous()  # [P, s, B, H/P, D]
+    x = _all_to_all_single(x, group)  # chunk j now holds group rank j's tokens of this rank's heads
+    return x.flatten(0, 1).permute(1, 0, 2, 3).contiguous()
+
+
+def _heads_for_sequence(x: torch.Tensor, degree: int, group) -> torch.Tensor:
+    """The inverse of ``_sequence_for_heads``: [B, degree * s, H / degree, D] -> [B, s, H, D]."""
+    from diffusers.models.attention_dispatch import _all_to_all_single
+
+    B, S, h, D = x.shape
+    x = x.reshape(B, degree, S // degree, h, D).permute(1, 3, 0, 2, 4).contiguous()  # [P, h, B, s, D]
+    x = _all_to_all_single(x, group)  # chunk j now holds this rank's tokens of group rank j's heads
+    return x.flatten(0, 1).permute(1, 2, 0, 3).contiguous()
+
+
 def ring_attend(site, query, key, value, attn_mask, scale, parallel_config):
-    """One attention call under ring context parallelism: this rank's rows against the KV chunks as
-    they rotate, merged by LSE (``ring.py``)."""
+    """One attention call under ring context parallelism (``ring_degree`` R > 1): this rank's rows
+    against the KV chunks as they rotate round the ring, merged by LSE (``ring.py``). Combined with
+    Ulysses (``ulysses_degree`` U > 1, diffusers' (ring, ulysses) mesh): Ulysses' all-to-all over the
+    ulysses group first, so the rank holds its ring chunk (the U pieces of its ulysses group, side by
+    side) for H/U heads, then the ring over the ring group, then the all-to-all back."""
     from ..masks import read_mask
     from .ring import RingExecutor, ring_call
 
@@ -112,24 +137,40 @@ def ring_attend(site, query, key, value, attn_mask, scale, parallel_config):
     if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() >= 3 and attn_mask.shape[-2] == query.shape[1] > 1:
         raise ValueError(f"ditaccel: {site.name}: ring context parallelism with a per-query attention mask "
                          f"(shape {tuple(attn_mask.shape)}) is not supported; only key masks ([B, S] or [B, 1, 1, S])")
+    ulysses, rings = cp.ulysses_degree or 1, cp.ring_degree
     B, s, H, _ = query.shape
-    text_len, text_position = _text_span(site, s * cp.ring_degree)
-    ring = ring_call(cp, s, text_len, text_position)
+    if H % ulysses:
+        raise ValueError(f"ditaccel: {site.name}: ulysses_degree={ulysses} needs the heads ({H}) divisible by it")
+    if ulysses > 1 and cp._flattened_mesh.get_local_rank() != cp._ring_local_rank * ulysses + cp._ulysses_local_rank:
+        raise ValueError(f"ditaccel: {site.name}: this (ring, ulysses) mesh does not number its ranks ring-major "
+                         "as diffusers' own mesh does; ditaccel cannot place this rank's tokens")
+    text_len, text_position = _text_span(site, s * ulysses * rings)
+    ring = ring_call(cp, s * ulysses, text_len, text_position)
     key_valid = row_live = None
     if isinstance(attn_mask, torch.Tensor):
-        mask = _model_order_key_mask(attn_mask, ring, s)
+        mask = _model_order_key_mask(attn_mask, ring, cp._flattened_mesh.get_group(), ulysses * rings)
         if mask.dim() == 2:  # [B, S_k] key padding, as diffusers' backends read it
             mask = mask[:, None, None, :]
         reading = read_mask(mask, B, H, ring.seq_len)
         if reading.fallback is not None:  # no model attention to fall back to: diffusers' ring needs an LSE
             raise ValueError(f"ditaccel: {site.name}: ring context parallelism cannot apply this attention "
                              f"mask ({reading.fallback}); only key masks (bool, or additive 0 / -inf)")
-        key_valid = reading.key_valid
+        heads = slice(None)
+        if ulysses > 1:  # a per-head mask follows its heads
+            h = H // ulysses
+            heads = slice(cp._ulysses_local_rank * h, (cp._ulysses_local_rank + 1) * h)
+        key_valid = reading.key_valid if reading.key_valid is None or reading.key_valid.shape[1] == 1 \
+            else reading.key_valid[:, heads]
         if reading.row_live is not None:
-            row_live = reading.row_live.index_select(-1, ring.chunk_positions[ring.peers.rank].to(query.device))
+            live = reading.row_live if reading.row_live.shape[1] == 1 else reading.row_live[:, heads]
+            row_live = live.index_select(-1, ring.chunk_positions[ring.peers.rank].to(query.device))
+    group = cp._ulysses_mesh.get_group() if ulysses > 1 else None
+    if ulysses > 1:
+        query, key, value = (_sequence_for_heads(x, ulysses, group) for x in (query, key, value))
     executor = RingExecutor(ring, query, key, value, key_valid, scale, site.runtime.method.config.backend,
                             site.runtime.stats.count_backend, row_live=row_live)
-    return site.attend_ring(ring, executor)
+    out = site.attend_ring(ring, executor, head_offset=cp._ulysses_local_rank * query.shape[2] if ulysses > 1 else 0)
+    return _heads_for_sequence(out, ulysses, group) if ulysses > 1 else out
 
 
 __all__ = ["ring_attend", "ulysses_attend"]

@@ -289,12 +289,14 @@ class RingExecutor:
 
 
 def ring_call(cp, local_len: int, text_len: int, text_position: str) -> RingCall:
-    """The ``RingCall`` of an attention call of ``local_len`` rows per rank under ``cp``."""
+    """The ``RingCall`` of an attention call of ``local_len`` rows per ring rank under ``cp``. diffusers
+    splits each stream over every rank of its (ring, ulysses) mesh, ring-major: ring rank r's chunk is
+    the pieces of ranks r * U .. r * U + U - 1 side by side (U = ulysses_degree, 1 without Ulysses)."""
     from .order import parallel_positions
 
-    degree = cp.ring_degree
+    degree, pieces = cp.ring_degree, cp.ring_degree * (cp.ulysses_degree or 1)
     seq_len = local_len * degree
-    positions = parallel_positions(seq_len, text_len, text_position, degree)
+    positions = parallel_positions(seq_len, text_len, text_position, pieces)
     if positions is None:
         positions = torch.arange(seq_len)
     return RingCall(RingPeers(cp._ring_local_rank, degree, cp._ring_mesh.get_group()), positions.view(degree, -1))
