@@ -28,12 +28,16 @@ in other blocks for every head: it runs head by head, one restricted plan per he
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 
 import torch
 
 from ..kernels import select_executor
 from ..kernels.merge import merge_by_lse
 from ..plan import _lists
+
+_MASKS_KEPT = 256  # restricted plans a RingCall keeps: every layer's static plan x chunks x heads
+_RING_CALLS: dict = {}  # (group, rank, degrees, rows, text span) -> RingCall
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +97,25 @@ class RingCall:
         self.peers = peers
         self.chunk_positions = chunk_positions
         self.seq_len = chunk_positions.numel()
-        self._slots: dict = {}  # (id(layout), chunk) -> (layout, ChunkSlots): one call, few layouts
+        # Kept across calls (``ring_call`` hands out one RingCall per shape): a static plan is the same
+        # object at every call, so its restrictions are built once. Held with their keys' objects, so
+        # the ids stay unique; bounded, as dynamic plans are new at every call.
+        self._slots: dict = {}  # (id(layout), chunk, head) -> (layout, ChunkSlots)
+        self._masks: OrderedDict = OrderedDict()  # (id(plan), chunk, head) -> (plan, BlockMask or None)
+
+    def restricted(self, plan, chunk: int, device, head: int | None):
+        """The plan restricted to this rank's rows x chunk ``chunk``'s keys (``_sub_block_mask``), cached."""
+        key = (id(plan), chunk, head)
+        hit = self._masks.get(key)
+        if hit is None or hit[0] is not plan:
+            rows = self.chunk_slots(plan.layout, self.peers.rank, device, head)
+            keys = self.chunk_slots(plan.layout, chunk, device, head)
+            hit = self._masks[key] = (plan, _sub_block_mask(plan, rows, keys, head)[0], rows, keys)
+            while len(self._masks) > _MASKS_KEPT:
+                self._masks.popitem(last=False)
+        else:
+            self._masks.move_to_end(key)
+        return hit[1:]
 
     def all_gather_model_order(self, x: torch.Tensor) -> torch.Tensor:
         """[B, s, ...] rows of every rank -> [B, S, ...] in the model's order (a collective)."""
@@ -210,10 +232,23 @@ class RingExecutor:
         return self.key_valid.index_select(-1, self.ring.chunk_positions[chunk].to(self.key_valid.device))
 
     def _dense_chunk(self, chunk, k, v):
-        wide = torch.float64 if self.q.dtype == torch.float64 else torch.float32
-        q, k, v = (x.transpose(1, 2).to(wide) for x in (self.q, k, v))  # [B, H, s, D]
-        logits = (q @ k.transpose(-1, -2)) * self.scale
         valid = self._chunk_key_valid(chunk)
+        q, k, v = (x.transpose(1, 2) for x in (self.q, k, v))  # [B, H, s, D]
+        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # PyTorch's fused CPU attention (what SDPA runs on CPU), which also returns the LSE
+            bias = None if valid is None else torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~valid, float("-inf"))[:, :, None, :].expand(-1, -1, q.shape[2], -1)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.contiguous(), k.contiguous(), v.contiguous(), 0.0, False, attn_mask=bias, scale=self.scale)
+            lse = lse.float()
+            if valid is not None:  # rows that see no key of this chunk: nothing to merge
+                seen = valid.any(-1, keepdim=True).expand(-1, q.shape[1], q.shape[2])
+                lse = torch.where(seen, lse, float("-inf"))
+                out = torch.where(seen[..., None], out, 0.0)
+            return out, lse
+        wide = torch.float64 if q.dtype == torch.float64 else torch.float32  # elsewhere: plain math
+        q, k, v = (x.to(wide) for x in (q, k, v))
+        logits = (q @ k.transpose(-1, -2)) * self.scale
         if valid is not None:
             logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
         lse = torch.logsumexp(logits, -1)
@@ -236,12 +271,9 @@ class RingExecutor:
 
     def _heads_chunk(self, plan, chunk, k, v, head):
         """``_plan_chunk`` for every head (``head`` None: one token order for all) or for head ``head``."""
-        layout = plan.layout
         device = self.q.device
-        rows = self.ring.chunk_slots(layout, self.ring.peers.rank, device, head)
-        keys = self.ring.chunk_slots(layout, chunk, device, head)
-        block_mask, kept = _sub_block_mask(plan, rows, keys, head)
-        if not kept:
+        block_mask, rows, keys = self.ring.restricted(plan, chunk, device, head)
+        if block_mask is None:  # the plan keeps no block pair of these rows x this chunk's keys
             return None
         q = self.q if head is None else self.q[:, :, head:head + 1]
         if head is not None:
@@ -289,17 +321,26 @@ class RingExecutor:
 
 
 def ring_call(cp, local_len: int, text_len: int, text_position: str) -> RingCall:
-    """The ``RingCall`` of an attention call of ``local_len`` rows per ring rank under ``cp``. diffusers
-    splits each stream over every rank of its (ring, ulysses) mesh, ring-major: ring rank r's chunk is
-    the pieces of ranks r * U .. r * U + U - 1 side by side (U = ulysses_degree, 1 without Ulysses)."""
+    """The ``RingCall`` of an attention call of ``local_len`` rows per ring rank under ``cp`` (one per
+    shape, kept). diffusers splits each stream over every rank of its (ring, ulysses) mesh,
+    ring-major: ring rank r's chunk is the pieces of ranks r * U .. r * U + U - 1 side by side
+    (U = ulysses_degree, 1 without Ulysses)."""
     from .order import parallel_positions
 
     degree, pieces = cp.ring_degree, cp.ring_degree * (cp.ulysses_degree or 1)
-    seq_len = local_len * degree
-    positions = parallel_positions(seq_len, text_len, text_position, pieces)
-    if positions is None:
-        positions = torch.arange(seq_len)
-    return RingCall(RingPeers(cp._ring_local_rank, degree, cp._ring_mesh.get_group()), positions.view(degree, -1))
+    group = cp._ring_mesh.get_group()
+    key = (id(group), cp._ring_local_rank, degree, pieces, local_len, text_len, text_position)
+    hit = _RING_CALLS.get(key)
+    if hit is None or hit[0] is not group:
+        if len(_RING_CALLS) >= 64:  # a few shapes per pipeline; bound what a long-lived process keeps
+            _RING_CALLS.clear()
+        seq_len = local_len * degree
+        positions = parallel_positions(seq_len, text_len, text_position, pieces)
+        if positions is None:
+            positions = torch.arange(seq_len)
+        hit = _RING_CALLS[key] = (group, RingCall(RingPeers(cp._ring_local_rank, degree, group),
+                                                  positions.view(degree, -1)))
+    return hit[1]
 
 
 __all__ = ["ChunkSlots", "RingCall", "RingExecutor", "RingPeers", "ring_call"]
