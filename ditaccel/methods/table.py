@@ -9,7 +9,8 @@ guarantees there is one). Dense heads keep every block of it. Token-level masks 
 are chosen per head inside ``mask_mod``. When every head of the call is dense, the model's own
 attention runs (None). Output share and cfg share rules are the caches' (``caches.py`` asks
 ``TableConfig.shares_output_at`` / ``shares_cfg_at``); a head that falls under a share rule while
-other heads of its layer compute runs dense (a note says so).
+other heads of its layer compute runs dense (a note says so). Rules with a ``residual`` plan like
+any other; the caches add or refresh the residual per head (``residual_heads``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class TableMethod(AttentionMethod):
         self._dense_plans = ShapeCache()
         self._warned_grid = False
         self._stacked = ShapeCache(size=256)  # one per (shape, head assignment): a table has few
+        self._residual_rules = any(rule.residual is not None for rule in config.rules)
 
     def head_rules(self, ctx) -> list[int | None]:
         """Per head: the index of the rule that decides it (None: dense)."""
@@ -94,6 +96,19 @@ class TableMethod(AttentionMethod):
                 out.append(None)
             else:
                 out.append(cfg.rules.index(rule))
+        return out
+
+    def residual_heads(self, ctx) -> dict[int, tuple[str, str]]:
+        """Heads of the call (local index) under a rule with a residual: head -> (mode, residual key).
+        ``caches.py`` asks it for calls this method planned (``decide`` gave a plan)."""
+        if not self._residual_rules:
+            return {}
+        cfg: TableConfig = self.config
+        out = {}
+        for h in range(ctx.heads):
+            rule = cfg.rule_for(ctx.layer, ctx.head_offset + h, ctx.step, ctx.total_steps, ctx.branch)
+            if rule is not None and rule.residual is not None:
+                out[h] = (rule.residual, rule.residual_key)
         return out
 
     def decide(self, ctx, q, k):
