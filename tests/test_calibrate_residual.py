@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from tiny_pipelines import SPARSE_SIZE, call_kwargs, pipe_for
 
 import ditaccel
 from ditaccel.caches import CrossStepCaches
@@ -16,8 +17,6 @@ from ditaccel.calibration.search import residual_plan, select, to_rules
 from ditaccel.methods import CallShape, TableConfig, make_method
 from ditaccel.runtime import AttentionSite, PlanExecutor
 from ditaccel.state import CallContext, StateStore
-
-from tiny_pipelines import SPARSE_SIZE, call_kwargs, pipe_for
 
 WINDOW = {"kernel_size": [1, 3, 3]}
 
@@ -108,7 +107,7 @@ def test_a_reuse_without_a_stored_residual_refreshes():
         q, k, v = (torch.randn(1, 256, 2, 16, generator=g) for _ in range(3))
         ctx = _call(step, store, counters)
         out, outcome, _ = caches.run(ctx, q, k, PlanExecutor(q, k, v, None, None, "reference"),
-                                     lambda: attention64(q, k, v).float())
+                                     lambda q=q, k=k, v=v: attention64(q, k, v).float())
         torch.testing.assert_close(out.double(), attention64(q, k, v), atol=2e-5, rtol=1e-4)
         assert outcome == "dense"
     assert store.refused == 3  # every head-0 residual was over budget
@@ -119,8 +118,8 @@ def test_a_reuse_without_a_stored_residual_refreshes():
 @pytest.mark.parametrize("rules, match", [
     ([{"use": "window", "residual": "always"}], r"rules\[0\]\.residual must be one of \['refresh', 'reuse'\]"),
     ([{"use": "share", "residual": "refresh"}], r"rules\[0\]\.residual='refresh': use='share'"),
-    ([{"use": "window", "steps": [2, 4], "residual": "reuse"}], r"rules\[0\]\.residual='reuse'.*no rule with "
-                                                                r"residual='refresh'"),
+    ([{"use": "window", "steps": [2, 4], "residual": "reuse"}],
+     r"rules\[0\]\.residual='reuse'.*no rule with residual='refresh'"),
     ([{"use": "window", "steps": [0, 1], "knobs": WINDOW, "residual": "refresh"},
       {"use": "window", "steps": [1, 4], "residual": "reuse"}], r"rules\[1\]\.residual='reuse'"),
     ([{"use": "window", "layers": [0], "steps": [0, 1], "residual": "refresh"},
@@ -258,7 +257,7 @@ def test_search_picks_residual_reuse_where_it_is_the_cheapest_under_the_budget()
 
 
 def test_residual_cells_move_their_refresh_past_shared_steps():
-    p, cands, (a, ra, b) = _toy_profile()
+    p, cands, (_, ra, _) = _toy_profile()
     cands = cands + make_candidates(["share"])[1:]
     budget = 0.2
     assert select(p, cands, budget, cost="time", min_dense_steps=2).residual_refresh == {(0, 0): 2}

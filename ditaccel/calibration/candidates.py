@@ -58,7 +58,7 @@ class Candidate:
     @property
     def base(self) -> str:
         """The method part of the name: what the profile measures (``X`` of ``residual:X``)."""
-        return self.name[len(RESIDUAL):] if self.residual else self.name
+        return self.name.removeprefix(RESIDUAL) if self.residual else self.name
 
     def at_grid(self, grid) -> "Candidate":
         """This candidate with its "all" axes sized to cover ``grid`` (itself when it has none)."""

@@ -70,7 +70,7 @@ def unit_costs(profile: Profile, candidates: list[Candidate], cost: str) -> dict
 
 
 def _base(name: str) -> str:
-    return name[len(RESIDUAL):] if name.startswith(RESIDUAL) else name
+    return name.removeprefix(RESIDUAL)
 
 
 def cell_cost(profile: Profile, name: str, units: dict, l: int, h: int, r: int) -> float:
@@ -185,7 +185,7 @@ def select(profile: Profile, candidates: list[Candidate], budget: float, cost: s
             plan = residual_plan(a, b, shared[l], cfg_steps[l], branches) if with_residual else None
             errors = {}
 
-            def residual_errors(base):
+            def residual_errors(base, l=l, plan=plan, errors=errors):
                 if base not in errors:
                     errors[base] = profile.residual_errors(base, l, plan.refresh, plan.reuse)
                 return errors[base]
