@@ -306,6 +306,8 @@ class Profiler:
                             p.dropped[name] = (f"{ms:.1f} ms per call against {p.cost_ms['dense']:.1f} ms dense: "
                                                f"never cheaper than dense, which has no error")
                         self.candidates.remove(cand)
+                        for key in [k for k in p.candidate_outputs if k[0] == cand.base]:
+                            del p.candidate_outputs[key]
         if self.on_call is not None:
             self.on_call()
 
