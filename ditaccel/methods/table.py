@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from ..layout import build_layout
-from ..plan import SparsePlan, plan_from_blocks
+from ..plan import SparsePlan, build_block_plan, build_plan, plan_from_blocks
 from .base import AttentionMethod, ShapeCache
 from .table_config import TableConfig
 
@@ -79,6 +79,7 @@ class TableMethod(AttentionMethod):
                 method.notes = self.notes
                 self._methods[i] = method
         self._dense_plans = ShapeCache()
+        self._packed_plans = ShapeCache()
         self._warned_grid = False
         self._stacked = ShapeCache(size=256)  # one per (shape, head assignment): a table has few
         self._residual_rules = any(rule.residual is not None for rule in config.rules)
@@ -137,9 +138,26 @@ class TableMethod(AttentionMethod):
             tile = self.tile_for(shape.grid)
             layout = build_layout(shape.grid, shape.text_len, shape.text_position, "tile", tile,
                                   self.config.block_size)
-        key = (shape, layout.order, layout.tile)
+        key = (shape, layout.order, layout.tile, layout.num_slots)  # packed and tile-padded layouts differ
         return self._dense_plans.get(key, device, lambda: plan_from_blocks(
             layout, torch.ones(layout.num_blocks, layout.num_blocks, dtype=torch.bool, device=device)))
+
+    def _packed(self, r: int, shape, device) -> SparsePlan:
+        """Rule ``r``'s static plan on the packed tile layout. On a grid its tiles do not divide, a
+        static method keeps whichever of the packed and the tile-padded layout costs it less kernel
+        work (``AttentionMethod.build``), so two rules of one call may choose differently; one
+        per-head BlockMask needs one layout, and the packed one is what every method can plan on."""
+        method = self._methods[r]
+
+        def build():
+            grid = shape.grid
+            layout = build_layout(grid, shape.text_len, shape.text_position, method.order(), method.tile_for(grid),
+                                  self.config.block_size, False)
+            rule, predicate = method.box_rule(grid), method.video_predicate(grid)
+            return build_block_plan(layout, rule, predicate, device) if rule is not None else \
+                build_plan(layout, predicate, device)
+
+        return self._packed_plans.get((r, shape), device, build)
 
     def _combine(self, ctx, q, k, rules: list[int | None]) -> SparsePlan:
         static = all(type(self._methods[r]).plan_for is AttentionMethod.plan_for for r in rules if r is not None)
@@ -162,6 +180,10 @@ class TableMethod(AttentionMethod):
                 values=None if ctx.values is None else ctx.values.index_select(2, index))
             plans[r] = self._methods[r].plan_for(sub_ctx, q.index_select(2, index), k.index_select(2, index))
         layout = next(iter(plans.values())).layout
+        if any(not _same_layout(p.layout, layout) for p in plans.values()):
+            plans = {r: self._packed(r, ctx.shape, q.device) if p.layout_choice == "padded" else p
+                     for r, p in plans.items()}
+            layout = next(iter(plans.values())).layout
         for r, p in plans.items():
             if not _same_layout(p.layout, layout):
                 raise ValueError(f"TableConfig.rules[{r}] ({self.config.rules[r].use}) planned on a token layout "
