@@ -45,3 +45,13 @@ if [ -z "$DRY" ] && [ "$NGPU" -ge 2 ]; then
 else
   echo "dbench: skipped (needs >= 2 CUDA devices, found $NGPU)" | tee "$OUT/dbench.log"
 fi
+
+# Calibrator candidates (residual reuse, spatial/temporal heads): only with CALIBRATE=1 (~5 more minutes).
+# On CUDA the Triton kernel can make sparse candidates cheaper than dense, which no CPU run has shown:
+# the log's "not a candidate here" lines and candidate_ms say which survive, the preset's rules whether
+# residual/head-pattern cells were chosen. Unmeasured so far.
+if [ -z "$DRY" ] && [ "${CALIBRATE:-0}" = "1" ]; then
+  timeout 420 $PY -m ditaccel calibrate --device cuda --budget-minutes 6 --state "$OUT/calibrate_state.pt" \
+    --out "$OUT/calibrate_gpu.json" --no-progress > "$OUT/calibrate.log" 2>&1
+  echo "calibrate: exit $?" | tee -a "$OUT/calibrate.log"
+fi

@@ -12,7 +12,9 @@ Per self-attention call, in this order:
 - otherwise the method decides: dense, or a sparse plan;
 - **residual cache** [DiTFastAttn, window attention with residual sharing]: with
   ``residual_refresh = N``, every N-th sparse step (counted from the first) runs dense *and*
-  sparse and stores ``dense - sparse``; the steps between return ``sparse + stored residual``;
+  sparse and stores ``dense - sparse``; the steps between return ``sparse + stored residual``.
+  A table's rules may instead say it per head (``TableRule.residual``: ``refresh`` / ``reuse``,
+  asked through the method's ``residual_heads``; ``_rule_residuals``);
 - **renormalise** [Re-ttention]: at every dense step (and residual refresh step) the attention
   mass the method's plan would keep, ``rho = exp(lse_kept - lse_all)`` per (batch, query, head), is
   measured; sparse steps then return ``rho * sparse``: the kept keys get the weight they have
@@ -73,8 +75,36 @@ class CrossStepCaches:
             if residual is not None:
                 out = out + residual
             outcome, density = "sparse", plan.density
+            heads = self.method.residual_heads(ctx) if hasattr(self.method, "residual_heads") else None
+            if heads:
+                out, refreshed = self._rule_residuals(ctx, out, heads, dense)
+                if refreshed:
+                    outcome, density = "dense", 1.0
         self._remember(ctx, out)
         return out, outcome, density
+
+    def _rule_residuals(self, ctx, out, heads: dict, dense):
+        """Per head under a residual rule (``heads``: local head -> (mode, key)): ``reuse`` adds the
+        head's stored residual; ``refresh`` -- or a ``reuse`` with none stored -- returns the dense
+        output and stores ``dense - out`` for the head. Returns (output, whether dense was computed)."""
+        out = out.clone()
+        refresh = []
+        for h, (mode, key) in sorted(heads.items()):
+            name = f"rule_residual.{key}.{ctx.head_offset + h}"
+            stored = ctx.state.get(name) if mode == "reuse" else None
+            if stored is None:
+                if mode == "reuse":
+                    ctx.count("residual_missing")
+                refresh.append((h, name))
+            else:
+                out[:, :, h] += stored
+        if refresh:
+            full = dense()
+            for h, name in refresh:
+                ctx.state.put(name, full[:, :, h] - out[:, :, h])
+                out[:, :, h] = full[:, :, h]
+            ctx.count("residual_refresh")
+        return out, bool(refresh)
 
     # --- sharing ---------------------------------------------------------------------------------
     def _shared(self, ctx):

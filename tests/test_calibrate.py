@@ -191,18 +191,22 @@ def test_cache_errors_are_measured_on_the_guided_output():
 
 def test_candidates_slower_than_dense_are_dropped_and_never_selected():
     pipe = pipe_for("wan")
-    cands = make_candidates(TOY, block_size=64)
+    cands = make_candidates(TOY + ["residual:" + TOY[0]], block_size=64)  # X and residual:X: one method
     profile = Profile(steps=STEPS, layers=2, heads=2, ranges=step_ranges(STEPS, 1), candidates=[c.name for c in cands])
     profiler = Profiler(profile, cands, sample_rows=32, block_size=64, drop_slower=True)
     with ditaccel.accelerate(pipe, "dense") as handle:
         handle.observe(profiler)
         pipe(**dict(_call(pipe), **_prompt(pipe, 1)), output_type="latent")
-    assert set(profile.cost_ms) == {"dense", *(c.name for c in cands[1:])}
+    assert set(profile.cost_ms) == {"dense", *(c.name for c in cands[1:] if not c.residual)}
     slower = {n for n, ms in profile.cost_ms.items() if n != "dense" and ms >= profile.cost_ms["dense"]}
-    assert set(profile.dropped) == slower and all("ms dense" in why for why in profile.dropped.values())
-    assert {c.name for c in profiler.candidates} == {c.name for c in cands[1:]} - slower
+    assert set(profile.dropped) == {c.name for c in cands[1:] if c.base in slower}  # residual:X goes with X
+    assert all("ms dense" in why for why in profile.dropped.values())
+    assert {c.name for c in profiler.candidates} == {c.name for c in cands[1:] if not c.residual} - slower
+    residual_base = cands[-1].base
+    kept = {(k[0], k[3], k[4]) for k in profile.candidate_outputs}  # (method, layer, step)
+    assert kept == (set() if residual_base in slower else {(residual_base, l, s) for l in range(2) for s in range(STEPS)})
     sel = select(profile, cands, 1e9, cost="time", min_dense_steps=0)  # any error allowed: only cost decides
-    assert not slower & set(sel.attention.values())
+    assert not set(profile.dropped) & set(sel.attention.values())
 
 
 @pytest.mark.parametrize("unit", ["step", "layer"])

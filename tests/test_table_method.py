@@ -176,3 +176,34 @@ def test_a_tables_fractions_at_a_step_count_cover_the_same_steps(steps):
         for s in range(steps):
             assert fixed.shares_output_at(layer, s, None) == table.shares_output_at(layer, s, steps)
             assert fixed.shares_cfg_at(layer, s, None) == table.shares_cfg_at(layer, s, steps)
+
+
+def test_heads_whose_rules_choose_packed_and_padded_layouts_stack_on_one():
+    """On 5 x 18 x 24 (18 is no multiple of the 8-token tile) the whole-frame tile window keeps the packed
+    layout and the same-tile-every-frame one the tile-padded layout; mixed per head in one call they must
+    still run each head's own token mask (float64 brute force), with a dense head beside them."""
+    grid = (5, 18, 24)
+    shape = CallShape(grid, 0, "none")
+    spatial, temporal = {"window": [1, 3, 3]}, {"window": [5, 1, 1]}
+    cfg = TableConfig(block_size=64, backend="reference", rules=[
+        {"use": "tile", "heads": [0], "steps": [0, 6], "knobs": spatial},
+        {"use": "tile", "heads": [1, 3], "knobs": temporal}])
+    alone = [make_method(rule.config).plan(shape, "cpu") for rule in cfg.rules]
+    assert [p.layout_choice for p in alone] == ["packed", "padded"]  # the case this test is about
+    method, store = make_method(cfg), StateStore(64)
+    masks = [p.slot_allowed(p.layout.inverse[:, None], p.layout.inverse[None, :]) for p in alone]
+    g = torch.Generator().manual_seed(4)
+    # step 5: both rules and a dense head (all on the packed layout); step 7: the padded rule and two
+    # dense heads (the dense heads' plan must then be the padded layout's, not the one cached at step 5)
+    for step, per_head in ((5, [masks[0], masks[1], None, masks[1]]), (7, [None, masks[1], None, masks[1]])):
+        ctx = CallContext("transformer", 0, step, "cond", shape, 1, 4,
+                          state=store.state("transformer", 0, "cond", (shape, 1, 4)), store=store, total_steps=10)
+        q, k, v = (torch.randn(1, 2160, 4, 16, generator=g) * 2 for _ in range(3))
+        plan = method.decide(ctx, q, k)
+        out = PlanExecutor(q, k, v, None, None, "reference").run(plan)
+        qd, kd, vd = (x[0].double().transpose(0, 1) for x in (q, k, v))  # [H, S, D]
+        logits = qd @ kd.transpose(1, 2) / 4.0
+        ref = torch.stack([torch.softmax(logits[h] if m is None else logits[h].masked_fill(~m, float("-inf")), -1)
+                           @ vd[h] for h, m in enumerate(per_head)], 1)[None]
+        assert torch.isfinite(out).all() and 0 < float(plan.density) < 1
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)

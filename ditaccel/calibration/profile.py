@@ -14,6 +14,12 @@ outputs: a cfg share sets ``u = c``, so ``g`` becomes ``c`` and the error is ``(
 (s - 1) times the raw branch difference (at s = 5, a branch difference of 2% is an 8% error of the
 guided output; judged raw, cfg shares looked four times cheaper in quality than they were).
 
+A method some candidate uses with a residual (``residual:X``) is also run at *every* step (on the
+measured branch and prompts), and its sampled output rows kept (``candidate_outputs``), so the
+error of ``X_s + (D_r - X_r)`` against ``D_s`` -- refresh at step r, reuse at s -- is known for
+whichever refresh step the search settles on (:meth:`Profile.residual_errors`). Its plain error,
+density and mass stay those of the usual measured steps.
+
 Candidates that cost more per call than dense attention (measured at the first profiled call) are
 dropped from the rest of the profile when the search prices by time: dense, error 0, beats them.
 
@@ -49,7 +55,7 @@ class Profile:
     layers: int
     heads: int
     ranges: list[tuple[int, int]]
-    candidates: list[str]  # attention candidates' names, in the search's order
+    candidates: list[str]  # candidates' names, in the search's order
     err_num: dict = dataclasses.field(default_factory=lambda: defaultdict(float))  # (cand, l, h, r) -> sum sq err
     err_den: dict = dataclasses.field(default_factory=lambda: defaultdict(float))  # (l, h, r) -> sum sq dense
     mass: dict = dataclasses.field(default_factory=lambda: defaultdict(float))  # (cand, l, h, r) -> kept mass sum
@@ -61,6 +67,8 @@ class Profile:
     grid: list | None = None  # the token grid (T, H, W) the runs had
     guidance: float = 1.0  # the call's guidance scale (> 1: the cache errors are on the guided output)
     dropped: dict = dataclasses.field(default_factory=dict)  # candidate -> why it was not profiled
+    # (method, run, branch, l, s) -> [B, R, H, D] sampled rows of a method used with a residual
+    candidate_outputs: dict = dataclasses.field(default_factory=dict)
 
     def range_of(self, step: int) -> int:
         return next(i for i, (a, b) in enumerate(self.ranges) if a <= step < b)
@@ -124,6 +132,27 @@ class Profile:
                 den += float(u.pow(2).sum())
         return (num / den) ** 0.5 if den > 0 else float("inf")
 
+    def residual_errors(self, base: str, l: int, refresh: int, steps) -> list[float] | None:
+        """Per head: relative error, over ``steps`` (and every profiled run and branch), of the method
+        ``base`` plus the residual stored at ``refresh``, ``X_s + (D_r - X_r)``, against ``D_s``; None
+        when the method's rows were not kept at one of those steps."""
+        steps = list(steps)
+        pairs = {(run, branch) for (b, run, branch, ll, s) in self.candidate_outputs if b == base and ll == l
+                 and s == refresh}
+        if not pairs or not steps:
+            return None
+        num = den = 0.0
+        for run, branch in sorted(pairs):
+            x_r = self.candidate_outputs[(base, run, branch, l, refresh)]
+            residual = self.outputs[(run, branch, l, refresh)] - x_r
+            for s in steps:
+                x_s, d_s = self.candidate_outputs.get((base, run, branch, l, s)), self.outputs.get((run, branch, l, s))
+                if x_s is None or d_s is None:
+                    return None
+                num = num + (x_s + residual - d_s).double().pow(2).sum(dim=(0, 1, 3))
+                den = den + d_s.double().pow(2).sum(dim=(0, 1, 3))
+        return [float((n / d) ** 0.5) if d > 0 else 0.0 for n, d in zip(num, den)]
+
     def has_uncond(self) -> bool:
         return any(k[1] == "uncond" for k in self.outputs)
 
@@ -186,8 +215,13 @@ class Profiler:
                  block_size: int = 64, steps_per_range: int | None = None,
                  candidate_runs: int | None = None, on_call=None, drop_slower: bool = False):
         self.profile = profile
-        self.candidates = [c for c in candidates if c.config is not None]
-        self.methods = {c.name: make_method(c.config) for c in self.candidates}
+        # one entry per method the candidates use (``X`` and ``residual:X`` share their measurements)
+        self.candidates = list({c.base: c for c in candidates if c.config is not None}.values())
+        self.residual_bases = {c.base for c in candidates if c.residual}
+        self._names = {}  # method -> every candidate name using it (what dropping it drops)
+        for c in candidates:
+            self._names.setdefault(c.base, []).append(c.name)
+        self._methods = {}  # (method, grid) -> AttentionMethod: "all" axes resolve at the call's grid
         self.sample_rows, self.seed, self.block_size = sample_rows, seed, block_size
         self.drop_slower = drop_slower  # cost "time": candidates slower than dense are not profiled further
         # Candidates are measured at a few steps of each range and on one CFG branch (their errors
@@ -239,31 +273,49 @@ class Profiler:
             if timing:  # the first measured call prices every candidate against dense attention
                 p.cost_ms["dense"] = _time_call(lambda: torch.nn.functional.scaled_dot_product_attention(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
-            for cand in self.candidates if measure else ():
-                method = self.methods[cand.name]
-                store = self._stores[(self.run, cand.name)]
+            # methods used with a residual: at every step of the measured branch and prompts
+            every_step = branch == self._branch and (self.candidate_runs is None or self.run < self.candidate_runs)
+            for cand in self.candidates:
+                keep_rows = every_step and cand.base in self.residual_bases
+                if not (measure or keep_rows):
+                    continue
+                method = self._method(cand, shape.grid)
+                store = self._stores[(self.run, cand.base)]
                 ctx = CallContext("transformer", l, s, branch, shape, B, H,
                                   state=store.state("transformer", l, branch, (shape, B, H)), store=store,
                                   values=v, total_steps=p.steps)
                 plan = method.plan_for(ctx, q, k)
                 if timing:
-                    p.cost_ms[cand.name] = _time_call(lambda: _run_plan(method, ctx, plan, q, k, v))
+                    p.cost_ms[cand.base] = _time_call(lambda: _run_plan(method, ctx, plan, q, k, v))
                 out, mass, density = candidate_rows(plan, q, k, v, rows, scale)
+                if keep_rows:
+                    p.candidate_outputs[(cand.base, self.run, branch, l, s)] = out.cpu()
+                if not measure:
+                    continue
                 err_sq = (out - dense).pow(2).sum(dim=(0, 1, 3))
                 for h in range(H):
-                    key = (cand.name, l, h, r)
+                    key = (cand.base, l, h, r)
                     p.err_num[key] += float(err_sq[h])
                     p.mass[key] += float(mass[h])
                     p.density[key] += float(density[h])
             if timing and self.drop_slower:
                 for cand in list(self.candidates):
-                    ms = p.cost_ms[cand.name]
+                    ms = p.cost_ms[cand.base]
                     if ms >= p.cost_ms["dense"]:
-                        p.dropped[cand.name] = (f"{ms:.1f} ms per call against {p.cost_ms['dense']:.1f} ms dense: "
-                                                f"never cheaper than dense, which has no error")
+                        for name in self._names[cand.base]:
+                            p.dropped[name] = (f"{ms:.1f} ms per call against {p.cost_ms['dense']:.1f} ms dense: "
+                                               f"never cheaper than dense, which has no error")
                         self.candidates.remove(cand)
+                        for key in [k for k in p.candidate_outputs if k[0] == cand.base]:
+                            del p.candidate_outputs[key]
         if self.on_call is not None:
             self.on_call()
+
+    def _method(self, cand: Candidate, grid):
+        key = (cand.base, tuple(grid))
+        if key not in self._methods:
+            self._methods[key] = make_method(cand.at_grid(grid).config)
+        return self._methods[key]
 
     def _any_layout(self, shape):
         from ..layout import build_layout

@@ -192,7 +192,7 @@ def calibrate(pipe=None, prompts=None, *, target="psnr=32", budget_minutes: floa
     # and the selection knobs only change which stored probe wins (probes are keyed by their selection).
     knobs = dict(step_parts=step_parts, sample_rows=sample_rows, steps_per_range=steps_per_range,
                  candidate_prompts=candidate_prompts, cost=cost, seed=seed, block_size=block_size, quality=kind,
-                 profile_format=2)  # 2: guided cache errors, slower-than-dense candidates dropped
+                 profile_format=3)  # 2: guided cache errors, slower-than-dense candidates dropped; 3: residual rows
     state = _State(state_path, _fingerprint(pipe, prompts, call, cands, knobs), say)
     deadline = t_start + budget_minutes * 60.0
     device = torch.device(pipe._execution_device)

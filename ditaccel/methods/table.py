@@ -9,7 +9,8 @@ guarantees there is one). Dense heads keep every block of it. Token-level masks 
 are chosen per head inside ``mask_mod``. When every head of the call is dense, the model's own
 attention runs (None). Output share and cfg share rules are the caches' (``caches.py`` asks
 ``TableConfig.shares_output_at`` / ``shares_cfg_at``); a head that falls under a share rule while
-other heads of its layer compute runs dense (a note says so).
+other heads of its layer compute runs dense (a note says so). Rules with a ``residual`` plan like
+any other; the caches add or refresh the residual per head (``residual_heads``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import warnings
 import torch
 
 from ..layout import build_layout
-from ..plan import SparsePlan, plan_from_blocks
+from ..plan import SparsePlan, build_block_plan, build_plan, plan_from_blocks
 from .base import AttentionMethod, ShapeCache
 from .table_config import TableConfig
 
@@ -80,8 +81,10 @@ class TableMethod(AttentionMethod):
         # Dynamic when any rule's method reads q and k (e.g. ring context parallelism gathers them then).
         self.kind = "dynamic" if any(m.kind != "static" for m in self._methods.values()) else "static"
         self._dense_plans = ShapeCache()
+        self._packed_plans = ShapeCache()
         self._warned_grid = False
         self._stacked = ShapeCache(size=256)  # one per (shape, head assignment): a table has few
+        self._residual_rules = any(rule.residual is not None for rule in config.rules)
 
     def head_rules(self, ctx) -> list[int | None]:
         """Per head: the index of the rule that decides it (None: dense)."""
@@ -96,6 +99,19 @@ class TableMethod(AttentionMethod):
                 out.append(None)
             else:
                 out.append(cfg.rules.index(rule))
+        return out
+
+    def residual_heads(self, ctx) -> dict[int, tuple[str, str]]:
+        """Heads of the call (local index) under a rule with a residual: head -> (mode, residual key).
+        ``caches.py`` asks it for calls this method planned (``decide`` gave a plan)."""
+        if not self._residual_rules:
+            return {}
+        cfg: TableConfig = self.config
+        out = {}
+        for h in range(ctx.heads):
+            rule = cfg.rule_for(ctx.layer, ctx.head_offset + h, ctx.step, ctx.total_steps, ctx.branch)
+            if rule is not None and rule.residual is not None:
+                out[h] = (rule.residual, rule.residual_key)
         return out
 
     def decide(self, ctx, q, k):
@@ -124,9 +140,26 @@ class TableMethod(AttentionMethod):
             tile = self.tile_for(shape.grid)
             layout = build_layout(shape.grid, shape.text_len, shape.text_position, "tile", tile,
                                   self.config.block_size)
-        key = (shape, layout.order, layout.tile)
+        key = (shape, layout.order, layout.tile, layout.num_slots)  # packed and tile-padded layouts differ
         return self._dense_plans.get(key, device, lambda: plan_from_blocks(
             layout, torch.ones(layout.num_blocks, layout.num_blocks, dtype=torch.bool, device=device)))
+
+    def _packed(self, r: int, shape, device) -> SparsePlan:
+        """Rule ``r``'s static plan on the packed tile layout. On a grid its tiles do not divide, a
+        static method keeps whichever of the packed and the tile-padded layout costs it less kernel
+        work (``AttentionMethod.build``), so two rules of one call may choose differently; one
+        per-head BlockMask needs one layout, and the packed one is what every method can plan on."""
+        method = self._methods[r]
+
+        def build():
+            grid = shape.grid
+            layout = build_layout(grid, shape.text_len, shape.text_position, method.order(), method.tile_for(grid),
+                                  self.config.block_size, False)
+            rule, predicate = method.box_rule(grid), method.video_predicate(grid)
+            return build_block_plan(layout, rule, predicate, device) if rule is not None else \
+                build_plan(layout, predicate, device)
+
+        return self._packed_plans.get((r, shape), device, build)
 
     def _combine(self, ctx, q, k, rules: list[int | None]) -> SparsePlan:
         static = all(type(self._methods[r]).plan_for is AttentionMethod.plan_for for r in rules if r is not None)
@@ -149,6 +182,10 @@ class TableMethod(AttentionMethod):
                 values=None if ctx.values is None else ctx.values.index_select(2, index))
             plans[r] = self._methods[r].plan_for(sub_ctx, q.index_select(2, index), k.index_select(2, index))
         layout = next(iter(plans.values())).layout
+        if any(not _same_layout(p.layout, layout) for p in plans.values()):
+            plans = {r: self._packed(r, ctx.shape, q.device) if p.layout_choice == "padded" else p
+                     for r, p in plans.items()}
+            layout = next(iter(plans.values())).layout
         for r, p in plans.items():
             if not _same_layout(p.layout, layout):
                 raise ValueError(f"TableConfig.rules[{r}] ({self.config.rules[r].use}) planned on a token layout "

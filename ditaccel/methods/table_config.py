@@ -7,6 +7,12 @@ branch reuses the conditional branch's output of the same layer and step, all he
 conditional branch reads on to the next rule). For every (layer, head, step) the **first** rule that
 matches decides; none matching: dense.
 
+A method rule may carry ``residual`` [DiTFastAttn, window attention with residual sharing], per
+head: ``"refresh"`` runs the model's dense attention *and* the rule's method, stores ``dense -
+method`` for the head and returns dense; ``"reuse"`` returns the method's output plus the residual
+the last ``"refresh"`` step of a rule with the same ``use`` and ``knobs`` stored for that layer,
+head and CFG branch (none stored -- a new call, a cache budget refusal -- : the step refreshes).
+
 ``steps`` is a half-open range ``(start, end)``: two ints (step indices) or two floats in [0, 1]
 (fractions of the call's steps: step s is in it when ``start <= s / total < end``, so ``(0.5, 1.0)``
 of 20 steps is steps 10..19). The shared knobs of :class:`AttentionConfig` (dense_steps,
@@ -29,6 +35,7 @@ from typing import Any
 from ..config import MAX_INT, AttentionConfig, check_index_set, knob
 
 SPECIAL_USES = ("dense", "share", "cfg_share")
+RESIDUAL_MODES = ("refresh", "reuse")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class TableRule:
     steps: tuple | None = None
     knobs: tuple = ()  # sorted (name, value) pairs of the method's own knobs
     config: AttentionConfig | None = dataclasses.field(default=None, compare=False, repr=False)
+    residual: str | None = None  # None, "refresh" or "reuse" (module doc)
 
     def matches(self, layer: int, head: int | None, step: int, total_steps: int | None) -> bool:
         if self.layers is not None and layer not in self.layers:
@@ -57,7 +65,14 @@ class TableRule:
                 out[name] = list(value)
         if self.knobs:
             out["knobs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.knobs}
+        if self.residual is not None:
+            out["residual"] = self.residual
         return out
+
+    @property
+    def residual_key(self) -> str:
+        """What a ``refresh`` rule stores its residual under and a ``reuse`` rule reads: its method and knobs."""
+        return f"{self.use}{self.knobs!r}"
 
 
 def step_in_range(steps, step: int, total_steps: int | None) -> bool:
@@ -115,11 +130,12 @@ def make_rule(i: int, raw, block_size: int, backend: str) -> TableRule:
     if isinstance(raw, TableRule):
         raw = raw.to_json()
     if not isinstance(raw, dict):
-        raise ValueError(f"{_where(i)} must be a dict with 'use' (and optional layers, heads, steps, knobs) or a "
-                         f"TableRule, got {raw!r}")
-    unknown = sorted(set(raw) - {"use", "layers", "heads", "steps", "knobs"})
+        raise ValueError(f"{_where(i)} must be a dict with 'use' (and optional layers, heads, steps, knobs, "
+                         f"residual) or a TableRule, got {raw!r}")
+    unknown = sorted(set(raw) - {"use", "layers", "heads", "steps", "knobs", "residual"})
     if unknown:
-        raise ValueError(f"{_where(i)} has unknown key(s) {unknown}; allowed: use, layers, heads, steps, knobs")
+        raise ValueError(f"{_where(i)} has unknown key(s) {unknown}; allowed: use, layers, heads, steps, knobs, "
+                         f"residual")
     use = raw.get("use")
     from . import REGISTRY
 
@@ -135,6 +151,13 @@ def make_rule(i: int, raw, block_size: int, backend: str) -> TableRule:
         raise ValueError(f"{_where(i, 'heads')}={heads}: use={use!r} reuses a whole layer's output, so it applies "
                          f"to every head; drop 'heads' (None)")
     steps = _check_steps(i, raw.get("steps"))
+    residual = raw.get("residual")
+    if residual is not None and residual not in RESIDUAL_MODES:
+        raise ValueError(f"{_where(i, 'residual')} must be one of {list(RESIDUAL_MODES)} or omitted (no residual), "
+                         f"got {residual!r}")
+    if residual is not None and use in SPECIAL_USES:
+        raise ValueError(f"{_where(i, 'residual')}={residual!r}: use={use!r} runs no method whose error a residual "
+                         f"could correct; a residual needs a method rule (use one of {methods})")
     knobs = raw.get("knobs") or {}
     if isinstance(knobs, (tuple, list)):
         knobs = dict(knobs)
@@ -159,7 +182,7 @@ def make_rule(i: int, raw, block_size: int, backend: str) -> TableRule:
             raise ValueError(f"{_where(i, 'knobs')}: {e}") from None
         knobs = {k: getattr(config, k) for k in values}
     return TableRule(use=use, layers=layers, heads=heads, steps=steps, knobs=tuple(sorted(knobs.items())),
-                     config=config)
+                     config=config, residual=residual)
 
 
 def layout_key(config: AttentionConfig | None):
@@ -193,6 +216,24 @@ def check_layouts(rules: tuple[TableRule, ...]) -> None:
                                                                  if ki[2] or kj[2] else ""))
 
 
+def check_residuals(rules: tuple[TableRule, ...], residual_refresh: int) -> None:
+    """A ``reuse`` rule needs a ``refresh`` rule of the same method and knobs that can reach its layers
+    and heads; rule residuals and the table-wide ``residual_refresh`` cache exclude each other."""
+    for i, rule in enumerate(rules):
+        if rule.residual is None:
+            continue
+        if residual_refresh:
+            raise ValueError(f"TableConfig.residual_refresh={residual_refresh} (a residual for every head of every "
+                             f"call) and {_where(i, 'residual')}={rule.residual!r} (per rule) would both add a "
+                             f"residual; use one of them (residual_refresh=0 with rule residuals)")
+        if rule.residual == "reuse" and not any(
+                r.residual == "refresh" and r.residual_key == rule.residual_key and _sets_meet(r.layers, rule.layers)
+                and _sets_meet(r.heads, rule.heads) for r in rules):
+            raise ValueError(f"{_where(i, 'residual')}='reuse' ({rule.use}, knobs {dict(rule.knobs)}): no rule with "
+                             f"residual='refresh' and the same use and knobs covers its layers/heads, so nothing "
+                             f"stores the residual it adds; add one at an earlier step")
+
+
 @dataclass(frozen=True)
 class TableConfig(AttentionConfig):
     """Per-(layer, head, step range) methods and caches: an ordered list of rules (module doc)."""
@@ -210,6 +251,7 @@ class TableConfig(AttentionConfig):
             raise ValueError(f"TableConfig.rules must be a list of rules (dicts or TableRule), got {rules!r}")
         checked = tuple(make_rule(i, r, self.block_size, self.backend) for i, r in enumerate(rules))
         check_layouts(checked)
+        check_residuals(checked, self.residual_refresh)
         object.__setattr__(self, "rules", checked)
 
     # --- what the runtime asks -------------------------------------------------------------------
@@ -307,4 +349,4 @@ class TableConfig(AttentionConfig):
         return cls(**values)
 
 
-__all__ = ["TableConfig", "TableRule", "SPECIAL_USES", "step_in_range"]
+__all__ = ["TableConfig", "TableRule", "SPECIAL_USES", "RESIDUAL_MODES", "step_in_range"]
