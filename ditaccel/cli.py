@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "under an error budget, tune the budget with full runs until the target holds, "
                                    "and write a preset (ditaccel.accelerate(pipe, preset=PATH)).",
                        epilog="examples:\n  ditaccel calibrate\n  ditaccel calibrate --target psnr=34 --budget-minutes 5"
-                              "\n  ditaccel calibrate --candidates share,cfg_share,xattn:threshold=0.9",
+                              "\n  ditaccel calibrate --candidates share,cfg_share,xattn:threshold=0.9"
+                              "\n  ditaccel calibrate --candidates extended",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--model", help="local pipeline directory or hub id (default: the embedded Wan pipeline)")
@@ -132,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--over-prompts", choices=("worst", "mean"), default="worst",
                    help="the target holds for every calibration prompt (worst, default) or on their mean")
     p.add_argument("--budget-minutes", type=float, default=10.0, help="wall-time budget (default 10)")
-    p.add_argument("--candidates", help="comma-separated candidates (method:knob=value;knob=value), default: all "
-                                        "built-in ones (ditaccel.calibration.DEFAULT_CANDIDATES)")
+    p.add_argument("--candidates", help="comma-separated candidates (method:knob=value;knob=value, residual:method:..., "
+                                        "an axis 'all'), or the sets 'default' (ditaccel.calibration.DEFAULT_CANDIDATES) "
+                                        "and 'extended' (with head patterns and residual reuse); default: 'default'")
     p.add_argument("--margin", type=float, default=3.0, help="dB above the target the worst calibration prompt must reach (default 3: prompts spread by several dB)")
     p.add_argument("--cost", choices=("time", "blocks"), default="time",
                    help="what 'cheapest' means: measured per-call time (default) or blocks computed")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditaccel.calibration import DEFAULT_CANDIDATES, make_candidates
+from ditaccel.calibration import DEFAULT_CANDIDATES, EXTENDED_CANDIDATES, make_candidates
 from ditaccel.calibration.profile import Profile, Profiler, step_ranges
 from ditaccel.calibration.search import select, to_rules
 from ditaccel.methods import CallShape, TableConfig, make_method
@@ -86,12 +86,14 @@ def _toy_heads(grid, seed=0):
 
 
 def test_profile_and_search_pick_the_spatial_and_temporal_candidates_for_such_heads():
-    """Priced by blocks, cheapest first: the temporal head gets the temporal pattern among every default;
+    """Priced by blocks, cheapest first: the temporal head gets the temporal pattern among every candidate (the extended set);
     on the spatial head xattn (threshold 0.9) keeps the very same frame blocks (a tie at equal density and
-    error, which goes to the earlier candidate), so among the static defaults the spatial pattern wins."""
+    error, which goes to the earlier candidate), so among the static candidates the spatial pattern wins."""
     grid, steps = (4, 8, 32), 2  # 1,024 tokens, 16 blocks of 64, 4 (1, 8, 8) tiles per frame
-    cands = make_candidates(DEFAULT_CANDIDATES, block_size=64)
+    cands = make_candidates(["extended"], block_size=64)
+    assert [c.name for c in cands] == [c.name for c in make_candidates(EXTENDED_CANDIDATES, block_size=64)]
     assert {SPATIAL, TEMPORAL} <= {c.name for c in cands}
+    assert not {SPATIAL, TEMPORAL} & {c.name for c in make_candidates(DEFAULT_CANDIDATES, block_size=64)}
     profile = Profile(steps=steps, layers=1, heads=3, ranges=step_ranges(steps, 1), candidates=[c.name for c in cands])
     profiler = Profiler(profile, cands, sample_rows=256, block_size=64)
     for s in range(steps):

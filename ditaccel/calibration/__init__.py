@@ -6,9 +6,9 @@ tunes that budget with full runs through the evaluation engine (:mod:`.search`),
 preset file (:mod:`.preset`) that ``ditaccel.accelerate(pipe, preset=path)`` loads.
 """
 
-from .candidates import DEFAULT_CANDIDATES, Candidate, make_candidates
+from .candidates import CANDIDATE_SETS, DEFAULT_CANDIDATES, EXTENDED_CANDIDATES, Candidate, make_candidates
 from .preset import preset_config, read_preset, shipped_presets, write_preset
 from .run import calibrate, parse_target
 
-__all__ = ["calibrate", "parse_target", "DEFAULT_CANDIDATES", "Candidate", "make_candidates", "preset_config",
+__all__ = ["calibrate", "parse_target", "CANDIDATE_SETS", "DEFAULT_CANDIDATES", "EXTENDED_CANDIDATES", "Candidate", "make_candidates", "preset_config",
            "read_preset", "shipped_presets", "write_preset"]

@@ -38,12 +38,26 @@ DEFAULT_CANDIDATES = (
     "dense", "share", "cfg_share",
     "window:kernel_size=(3,9,9)", "tile:window=(3,3,3)", "radial:order='tile'",
     "topk:topk=0.5", "xattn:threshold=0.95", "xattn:threshold=0.9",
-    "tile:window=(1,'all','all')", "tile:window=('all',1,1)",
-    "residual:window:kernel_size=(3,9,9)", "residual:tile:window=(1,'all','all')",
-    "residual:tile:window=('all',1,1)",
 )
-"""Dense, the cross-step caches, a window, a tile neighbourhood, radial, topk and xattn (two levels),
-spatial and temporal heads (whole frame; full time at one tile), and three of them with a residual."""
+"""Dense, the cross-step caches, a window, a tile neighbourhood, radial, topk and xattn (two levels):
+what the shipped embedded preset was calibrated with."""
+
+HEAD_PATTERN_CANDIDATES = ("tile:window=(1,'all','all')", "tile:window=('all',1,1)")
+"""Sparse VideoGen's head patterns: spatial heads (the whole frame), temporal heads (one tile, every frame)."""
+
+RESIDUAL_CANDIDATES = ("residual:window:kernel_size=(3,9,9)", "residual:tile:window=(1,'all','all')",
+                       "residual:tile:window=('all',1,1)")
+"""Three attention candidates with a residual refreshed once per step range."""
+
+EXTENDED_CANDIDATES = DEFAULT_CANDIDATES + HEAD_PATTERN_CANDIDATES + RESIDUAL_CANDIDATES
+"""Every kind the calibrator has. Not the default: on the 2-core CPU the embedded pipeline's calibration
+with it chose attention cells that a candidate 11% cheaper than dense left in (topk), whose errors
+add to the shares' under the one error budget, and its preset cost 0.598 of dense against 0.425
+(benchmarks/RESULTS.md, "Calibrator candidates"); on a GPU, where sparse cells are cheap, it is the
+set to try."""
+
+CANDIDATE_SETS = {"default": DEFAULT_CANDIDATES, "extended": EXTENDED_CANDIDATES}
+"""Names a candidate list may hold in place of candidates (``--candidates extended``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +168,9 @@ def make_candidates(specs, block_size: int = 64, backend: str = "auto") -> list[
     """Validated candidates (bad ones: ValueError naming the candidate); dense is always included."""
     out: list[Candidate] = []
     seen = set()
-    for i, spec in enumerate(["dense", *list(specs)]):
+    specs = [x for spec in specs for x in (CANDIDATE_SETS[spec] if isinstance(spec, str) and spec in CANDIDATE_SETS
+                                            else (spec,))]
+    for i, spec in enumerate(["dense", *specs]):
         raw = dict(_parse(spec))
         residual = raw.pop("residual", False)
         if residual not in (True, False):
@@ -200,4 +216,5 @@ def make_candidates(specs, block_size: int = 64, backend: str = "auto") -> list[
     return out
 
 
-__all__ = ["Candidate", "DEFAULT_CANDIDATES", "RESIDUAL", "WHOLE_AXIS", "make_candidates"]
+__all__ = ["CANDIDATE_SETS", "Candidate", "DEFAULT_CANDIDATES", "EXTENDED_CANDIDATES", "HEAD_PATTERN_CANDIDATES",
+           "RESIDUAL_CANDIDATES", "RESIDUAL", "WHOLE_AXIS", "make_candidates"]
