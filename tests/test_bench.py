@@ -149,7 +149,7 @@ def _fake_bench(monkeypatch, interrupt_at: int | None):
     """The runner with no model: every cell 'fails' fast; the ``interrupt_at``-th cell raises Ctrl-C."""
     calls = []
 
-    def fake_cell(pipe, cell, call, matrix, dense_runs=None, merge=None):
+    def fake_cell(pipe, cell, call, matrix, dense_runs=None, merge=None, dense_side=None):
         calls.append(cell.key)
         if len(calls) == interrupt_at:
             raise KeyboardInterrupt

@@ -153,18 +153,21 @@ def test_strict_must_be_a_bool():
         ditaccel.accelerate(pipe_for("wan"), "window", strict="yes", **SPARSE)
 
 
-def _cp(ulysses, ring):  # what enable_parallelism records on the model (ParallelConfig)
+def _cp(ulysses, ring, ulysses_anything=False):  # what enable_parallelism records on the model (ParallelConfig)
     return type("P", (), {"context_parallel_config": type("C", (), {"ulysses_degree": ulysses, "ring_degree": ring,
-                                                                       "ulysses_anything": False})()})()
+                                                                       "ulysses_anything": ulysses_anything})()})()
 
 
-@pytest.mark.parametrize("family,ulysses,ring,expect", [
-    ("wan", 2, 2, r"Ulysses combined with ring context parallelism \(ulysses_degree=2, ring_degree=2\) is not"),
-    ("cogvideox", 2, 1, r"text tokens in self-attention \(text_position='prefix'\) is not supported.*not been verified"),
+UNEVEN = r"ulysses_anything=True \(ulysses_degree=2, ring_degree=1\) is not supported by ditaccel"
+
+
+@pytest.mark.parametrize("family,cp,expect", [
+    ("wan", (2, 1, True), UNEVEN),
+    ("cogvideox", (2, 1), r"text tokens in self-attention \(text_position='prefix'\) is not supported.*not been verified"),
 ])
-def test_unsupported_context_parallel_is_refused_before_anything_changes(family, ulysses, ring, expect):
+def test_unsupported_context_parallel_is_refused_before_anything_changes(family, cp, expect):
     model = pipe_for(family).transformer
-    model._parallel_config = _cp(ulysses, ring)
+    model._parallel_config = _cp(*cp)
     try:
         with pytest.raises(ValueError, match=expect):
             ditaccel.accelerate(pipe_for(family), "window", **SPARSE)
@@ -177,9 +180,9 @@ def test_unsupported_context_parallel_enabled_after_accelerate_is_refused_at_the
     family = "wan"
     pipe = pipe_for(family)
     with ditaccel.accelerate(pipe, "window", **SPARSE) as handle:
-        pipe.transformer._parallel_config = _cp(2, 2)
+        pipe.transformer._parallel_config = _cp(2, 1, True)
         try:
-            with pytest.raises(ValueError, match=r"Ulysses combined with ring.*remove\(\) ditaccel"):
+            with pytest.raises(ValueError, match=UNEVEN + r".*remove\(\) ditaccel"):
                 run(pipe, family)
         finally:
             del pipe.transformer._parallel_config
@@ -195,17 +198,17 @@ def test_context_parallel_call_reaching_the_backend_is_a_reported_fallback():
 
     site = AttentionSite(Runtime(), 0, "transformer.blocks.0.attn1")
     Runtime.current = None
-    cp = _cp(2, 2)  # Ulysses x ring: not supported, so the call falls back (counted, warned)
+    cp = _cp(2, 1, True)  # uneven Ulysses: not supported, so the call falls back (counted, warned)
     q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
     token = current_site.set(site)
     try:
         with pytest.raises(Exception):  # diffusers' native backend then needs a real process group
-            with pytest.warns(UserWarning, match="Ulysses combined with ring context parallelism"):
+            with pytest.warns(UserWarning, match=UNEVEN):
                 _ditaccel_backend(q, k, v, _parallel_config=cp)
     finally:
         current_site.reset(token)
     (reason,) = Runtime.stats.fallbacks
-    assert reason.startswith("Ulysses combined with ring context parallelism (ulysses_degree=2, ring_degree=2) is not")
+    assert reason.startswith("ulysses_anything=True (ulysses_degree=2, ring_degree=1) is not supported by ditaccel")
 
 
 def test_compiled_transformer_on_the_pipeline_is_explained():
