@@ -10,7 +10,7 @@ import pytest
 import torch
 from gloo_spawn import init_gloo, reporting, spawn
 from test_parallel import _rel
-from test_parallel_joint import FAMILIES, METHODS, TABLE
+from test_parallel_joint import FAMILIES, METHODS, TABLE, _enable, accelerated_run
 
 WORLD, ULYSSES, RING = 4, 2, 2
 
@@ -18,12 +18,10 @@ WORLD, ULYSSES, RING = 4, 2, 2
 def _worker(rank, port, results):
     with reporting(rank, results):
         init_gloo(rank, WORLD, port)
-        from diffusers import ContextParallelConfig
         from tiny_pipelines import FAMILIES as BUILDERS
         from tiny_pipelines import run_latents
 
         import ditaccel
-        from ditaccel.parallel import merged_stats
 
         out = {}
         configs = {**METHODS, "table": TABLE}
@@ -36,22 +34,11 @@ def _worker(rank, port, results):
                     single[name] = run(base)
                     single_sparse[name] = handle.stats()["paths"]["sparse"]
             pipe = BUILDERS[family](seed=0)
-            plan = None
-            if family == "hunyuan_video":
-                from ditaccel.pipelines.hunyuan_video import cp_plan
-
-                plan = cp_plan()
-            pipe.transformer.enable_parallelism(
-                config=ContextParallelConfig(ulysses_degree=ULYSSES, ring_degree=RING), cp_plan=plan)
+            _enable(pipe, family, ulysses_degree=ULYSSES, ring_degree=RING)
             for name, kw in configs.items():
-                with ditaccel.accelerate(pipe, name, **kw) as handle:
-                    seen = set()
-                    handle.observe(lambda call, q, k, v, seen=seen: seen.add((q.shape[1], q.shape[2], call.head_offset)))
-                    got = run(pipe)
-                    local = handle.stats()["paths"]["sparse"]
-                    paths = merged_stats(handle)["paths"]
+                got, seen, local, paths = accelerated_run(pipe, name, kw, run)
                 out[(family, name)] = dict(rel=_rel(got, single[name]), sparse_vs_dense=_rel(single[name], plain),
-                                           seen=sorted(seen), local=local, sparse=paths["sparse"],
+                                           seen=seen, local=local, sparse=paths["sparse"],
                                            single=single_sparse[name], fallback=paths["dense_by_fallback"],
                                            finite=bool(torch.isfinite(got).all()))
         results[rank] = out

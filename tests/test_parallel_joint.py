@@ -23,16 +23,30 @@ TABLE = dict(rules=[{"use": "tile", "heads": [1], "knobs": {"tile": (1, 8, 8), "
 MODES = ("ulysses", "ring")
 
 
-def _enable(pipe, family, mode):
+def _enable(pipe, family, mode=None, **degrees):
+    """enable_parallelism with ``{mode}_degree=WORLD`` (or the given degrees), HunyuanVideo with our cp_plan."""
     from diffusers import ContextParallelConfig
 
-    config = ContextParallelConfig(**{f"{mode}_degree": WORLD})
+    config = ContextParallelConfig(**(degrees or {f"{mode}_degree": WORLD}))
     plan = None
     if family == "hunyuan_video":
         from ditaccel.pipelines.hunyuan_video import cp_plan
 
         plan = cp_plan()
     pipe.transformer.enable_parallelism(config=config, cp_plan=plan)
+
+
+def accelerated_run(pipe, method, kw, run):
+    """``run(pipe)`` under ``accelerate(pipe, method, **kw)``: (output, the (rows, heads, head offset) its
+    plans saw, this rank's sparse calls, the account merged over the ranks)."""
+    import ditaccel
+    from ditaccel.parallel import merged_stats
+
+    with ditaccel.accelerate(pipe, method, **kw) as handle:
+        seen = set()
+        handle.observe(lambda call, q, k, v: seen.add((q.shape[1], q.shape[2], call.head_offset)))
+        got = run(pipe)
+        return got, sorted(seen), handle.stats()["paths"]["sparse"], merged_stats(handle)["paths"]
 
 
 def _worker(rank, port, results):
@@ -60,14 +74,9 @@ def _worker(rank, port, results):
             for mode, pipe in pipes.items():
                 _enable(pipe, family, mode)
                 for name, (method, kw) in configs.items():
-                    with ditaccel.accelerate(pipe, method, **kw) as handle:
-                        seen = set()
-                        handle.observe(lambda call, q, k, v, seen=seen: seen.add((q.shape[1], q.shape[2], call.head_offset)))
-                        got = run(pipe)
-                        local_sparse = handle.stats()["paths"]["sparse"]
-                        paths = merged_stats(handle)["paths"]
+                    got, seen, local_sparse, paths = accelerated_run(pipe, method, kw, run)
                     out[(family, mode, name)] = dict(
-                        rel=_rel(got, single[name]), finite=bool(torch.isfinite(got).all()), seen=sorted(seen),
+                        rel=_rel(got, single[name]), finite=bool(torch.isfinite(got).all()), seen=seen,
                         sparse=paths["sparse"], local_sparse=local_sparse, single_sparse=single_calls[name], fallback=paths["dense_by_fallback"],
                         density=paths["realised_density"])
             for mode in MODES:  # accelerate first, then enable_parallelism (the hooks stack the other way round)
