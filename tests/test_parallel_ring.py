@@ -122,6 +122,24 @@ def test_chunks_whose_blocks_the_plan_drops_for_a_rank_are_not_computed():
     assert ran == ["reference"] * degree
 
 
+def test_restrictions_are_kept_for_a_static_plan_and_dropped_with_a_dynamic_one():
+    grid = (2, 8, 16)
+    B, H = 1, 2
+    q, k, v = _inputs(B, math.prod(grid), H, 16, seed=4)
+    shape = CallShape(grid, 0, "none")
+    static = make_method(config_for("tile", grid, "tile", 64))
+    dynamic = make_method(config_for("topk", grid, "tile", 64))
+    executor, _ = _ring_rows(q, k, v, 2, 0, "none")[0]
+    ring = executor.ring
+    executor.run(static.plan(shape, q.device))
+    kept = dict(ring._masks)
+    executor.run(static.plan(shape, q.device))  # the method's cached plan: its restrictions are reused
+    assert ring._masks.keys() == kept.keys() and len(next(iter(kept.values()))[1]) == 2  # both chunks
+    for step in range(3):  # a new plan at every call: nothing of it outlives the call
+        executor.run(dynamic.plan_for(_context(shape, B, H, v), q, k))
+    assert ring._masks.keys() == kept.keys()
+
+
 @pytest.mark.parametrize("name", ["cluster", "heads"])
 def test_a_plan_with_a_token_order_per_head_runs_head_by_head(name):
     grid, text_len, position, degree = (2, 8, 16), 20, "prefix", 2

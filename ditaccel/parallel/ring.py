@@ -28,7 +28,7 @@ in other blocks for every head: it runs head by head, one restricted plan per he
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+import weakref
 
 import torch
 
@@ -36,7 +36,6 @@ from ..kernels import select_executor
 from ..kernels.merge import merge_by_lse
 from ..plan import _lists
 
-_MASKS_KEPT = 256  # restricted plans a RingCall keeps: every layer's static plan x chunks x heads
 _RING_CALLS: dict = {}  # (group, rank, degrees, rows, text span) -> RingCall
 
 
@@ -97,25 +96,22 @@ class RingCall:
         self.peers = peers
         self.chunk_positions = chunk_positions
         self.seq_len = chunk_positions.numel()
-        # Kept across calls (``ring_call`` hands out one RingCall per shape): a static plan is the same
-        # object at every call, so its restrictions are built once. Held with their keys' objects, so
-        # the ids stay unique; bounded, as dynamic plans are new at every call.
-        self._slots: dict = {}  # (id(layout), chunk, head) -> (layout, ChunkSlots)
-        self._masks: OrderedDict = OrderedDict()  # (id(plan), chunk, head) -> (plan, BlockMask or None)
+        # Kept across calls (``ring_call`` hands out one RingCall per shape) for as long as their plan /
+        # layout lives: a static plan is the same object at every call (its method caches it), so its
+        # restrictions are built once; a dynamic plan's go with it when the call drops it.
+        self._slots: dict = {}  # id(layout) -> (weakref to it, {(chunk, head): ChunkSlots})
+        self._masks: dict = {}  # id(plan) -> (weakref to it, {(chunk, head): (BlockMask or None, rows, keys)})
 
     def restricted(self, plan, chunk: int, device, head: int | None):
-        """The plan restricted to this rank's rows x chunk ``chunk``'s keys (``_sub_block_mask``), cached."""
-        key = (id(plan), chunk, head)
-        hit = self._masks.get(key)
-        if hit is None or hit[0] is not plan:
+        """The plan restricted to this rank's rows x chunk ``chunk``'s keys (``_sub_block_mask``), cached:
+        (BlockMask, or None where it keeps nothing; the rows' ChunkSlots; the keys')."""
+        per = _kept_for(self._masks, plan)
+        hit = per.get((chunk, head))
+        if hit is None:
             rows = self.chunk_slots(plan.layout, self.peers.rank, device, head)
             keys = self.chunk_slots(plan.layout, chunk, device, head)
-            hit = self._masks[key] = (plan, _sub_block_mask(plan, rows, keys, head)[0], rows, keys)
-            while len(self._masks) > _MASKS_KEPT:
-                self._masks.popitem(last=False)
-        else:
-            self._masks.move_to_end(key)
-        return hit[1:]
+            hit = per[(chunk, head)] = (_sub_block_mask(plan, rows, keys, head)[0], rows, keys)
+        return hit
 
     def all_gather_model_order(self, x: torch.Tensor) -> torch.Tensor:
         """[B, s, ...] rows of every rank -> [B, S, ...] in the model's order (a collective)."""
@@ -131,16 +127,25 @@ class RingCall:
     def chunk_slots(self, layout, chunk: int, device, head: int | None = None) -> ChunkSlots:
         """Where chunk ``chunk``'s tokens sit in ``layout``'s slots (``head``: that head's, for a layout
         with one token order per head)."""
-        key = (id(layout), chunk, head)
-        hit = self._slots.get(key)
-        if hit is None or hit[0] is not layout:
+        per = _kept_for(self._slots, layout)
+        hit = per.get((chunk, head))
+        if hit is None:
             inverse = layout.device_index("inverse", device)  # model token -> slot ([H, S] per head)
             if head is not None:
                 inverse = inverse[head]
-            slots = ChunkSlots.of(inverse[self.chunk_positions[chunk].to(device)], layout.block_size,
-                                  layout.num_slots)
-            hit = self._slots[key] = (layout, slots)
-        return hit[1]
+            hit = per[(chunk, head)] = ChunkSlots.of(inverse[self.chunk_positions[chunk].to(device)],
+                                                     layout.block_size, layout.num_slots)
+        return hit
+
+
+def _kept_for(store: dict, owner) -> dict:
+    """``store``'s dict for ``owner`` (a plan or a layout), made empty on first use and dropped when
+    ``owner`` is collected: a weak reference, so the cache never keeps a plan alive."""
+    entry = store.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        entry = store[id(owner)] = (weakref.ref(owner), {})
+        weakref.finalize(owner, store.pop, id(owner), None)
+    return entry[1]
 
 
 def _sub_block_mask(plan, rows: ChunkSlots, keys: ChunkSlots, head: int | None = None):
