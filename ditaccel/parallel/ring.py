@@ -6,23 +6,28 @@ LSE); ditaccel does, in three steps per attention call:
 
 - **the plan** is the single process's plan of the whole call. A static method's depends on the
   shape alone; a dynamic method (topk, xattn, heads, a table with such rules) scores the whole
-  sequence, so its q, k, v are all-gathered over the ring group for it (``plan_inputs``): every
-  rank then makes the plan one process makes, bit for bit;
+  sequence, so its q, k, v are all-gathered over the ring group for it
+  (``RingCall.all_gather_model_order``, asked by the runtime's ``_compute_ring``): every rank then
+  makes the plan one process makes, bit for bit;
 - **the ring**: P rounds; in round i rank r holds the KV chunk of rank (r - i) mod P, passes it on
   to rank r + 1 while it computes (one asynchronous send/receive per round, P - 1 in all), and
   computes its query rows against that chunk's keys under the plan restricted to them
-  (``ChunkSlots``): the plan's query blocks that hold its rows x the key blocks that hold the
-  chunk's keys, with every other slot of those blocks masked. A chunk whose restriction keeps no
-  block pair for the rank's rows is not computed at all;
+  (``ChunkSlots``, ``_sub_block_mask``): the plan's query blocks that hold its rows x the key blocks
+  that hold the chunk's keys, with every other slot of those blocks masked. A chunk whose restriction
+  keeps no block pair for the rank's rows is not computed at all. Restrictions are kept for as long
+  as their plan lives (a static plan's: built once);
 - **the merge**: the chunks' outputs are combined by their log-sum-exps (``kernels.merge``).
 
-The same loop gives the dense side (``RingExecutor.dense``: every key of every chunk) and the kept
+The same loop gives the dense side (``RingExecutor.dense``: every key of every chunk; on CPU through
+PyTorch's fused attention, which returns the LSE) and the kept
 attention mass of renormalise (kept LSE against dense LSE). What it costs against a ring of whole
 blocks: where a plan's block straddles two ranks' rows (tiles cut by the chunk boundary), both
 ranks compute that block, each for its own rows.
 
 A plan with one token order per head (``cluster``; ``heads`` with temporal heads) puts a rank's rows
-in other blocks for every head: it runs head by head, one restricted plan per head.
+in other blocks for every head: it runs head by head, one restricted plan per head. With Ulysses as
+well (``ulysses_degree`` U), ``attend.ring_attend`` runs Ulysses' all-to-all first: a ring rank's
+chunk is then its ulysses group's U pieces side by side, for H/U heads (``ring_call``).
 """
 
 from __future__ import annotations
