@@ -18,8 +18,7 @@ LSE); ditaccel does, in three steps per attention call:
   as their plan lives (a static plan's: built once);
 - **the merge**: the chunks' outputs are combined by their log-sum-exps (``kernels.merge``).
 
-The same loop gives the dense side (``RingExecutor.dense``: every key of every chunk; on CPU through
-PyTorch's fused attention, which returns the LSE) and the kept
+The same loop gives the dense side (``RingExecutor.dense``: every key of every chunk) and the kept
 attention mass of renormalise (kept LSE against dense LSE). What it costs against a ring of whole
 blocks: where a plan's block straddles two ranks' rows (tiles cut by the chunk boundary), both
 ranks compute that block, each for its own rows.
@@ -242,22 +241,11 @@ class RingExecutor:
         return self.key_valid.index_select(-1, self.ring.chunk_positions[chunk].to(self.key_valid.device))
 
     def _dense_chunk(self, chunk, k, v):
+        # The same explicit softmax the executors run when they return the LSE (kernels/reference.py):
+        # a dense-method plan round the ring then gives exactly this dense side, as it does in one process.
         valid = self._chunk_key_valid(chunk)
-        q, k, v = (x.transpose(1, 2) for x in (self.q, k, v))  # [B, H, s, D]
-        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            # PyTorch's fused CPU attention (what SDPA runs on CPU), which also returns the LSE
-            bias = None if valid is None else torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~valid, float("-inf"))[:, :, None, :].expand(-1, -1, q.shape[2], -1)
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q.contiguous(), k.contiguous(), v.contiguous(), 0.0, False, attn_mask=bias, scale=self.scale)
-            lse = lse.float()
-            if valid is not None:  # rows that see no key of this chunk: nothing to merge
-                seen = valid.any(-1, keepdim=True).expand(-1, q.shape[1], q.shape[2])
-                lse = torch.where(seen, lse, float("-inf"))
-                out = torch.where(seen[..., None], out, 0.0)
-            return out, lse
-        wide = torch.float64 if q.dtype == torch.float64 else torch.float32  # elsewhere: plain math
-        q, k, v = (x.to(wide) for x in (q, k, v))
+        wide = torch.float64 if self.q.dtype == torch.float64 else torch.float32
+        q, k, v = (x.transpose(1, 2).to(wide) for x in (self.q, k, v))  # [B, H, s, D]
         logits = (q @ k.transpose(-1, -2)) * self.scale
         if valid is not None:
             logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
