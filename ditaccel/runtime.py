@@ -42,6 +42,15 @@ class ForwardInfo:
     total_steps: int | None = None  # this pipeline call's step count (None: unknown)
 
 
+def with_text_len(call: ForwardInfo, seq_len: int) -> ForwardInfo:
+    """``call`` with its text span known: where the adapter left it to the call (None), every token of
+    the ``seq_len`` beyond the grid's."""
+    if call.text_len is not None:
+        return call
+    T, H, W = call.grid
+    return dataclasses.replace(call, text_len=max(seq_len - T * H * W, 0))
+
+
 class StrictModeError(RuntimeError):
     """``accelerate(..., strict=True)``: a call fell back to the model's attention or bypassed ditaccel."""
 
@@ -301,24 +310,30 @@ class AttentionSite:
             self.runtime.stats.note(reason, message)  # once per reason in stats()["notes"]
             warnings.warn(message, stacklevel=3)
 
+    def _forward_for(self, seq_len: int, flops: float) -> ForwardInfo | None:
+        """The forward this call belongs to, its text span resolved for ``seq_len`` keys; None (after
+        counting and warning the reason) when the call runs the model's own attention."""
+        rt = self.runtime
+        self.reached += 1  # ditaccel (compose): the attention hook's bypass check reads this
+        rt.reached += 1
+        call = rt.current
+        if call is None:
+            self._warn_once("called outside a hooked transformer forward", flops)
+            return None
+        if call.dense_reason:
+            self._warn_once(call.dense_reason, flops)
+            return None
+        return with_text_len(call, seq_len)
+
     def attend(self, q, k, v, attn_mask, scale, dense, head_offset: int = 0):
         """q, k, v: [B, S, H, D]. ``dense()`` computes the model's own attention on the same inputs.
         ``head_offset``: the model's index of head 0 here (context parallelism: a rank holds H of them)."""
         rt = self.runtime
-        call = rt.current
-        self.reached += 1  # ditaccel (compose): the attention hook's bypass check reads this
-        rt.reached += 1
-        flops = 4.0 * q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * q.shape[3]
-        if call is None:
-            self._warn_once("called outside a hooked transformer forward", flops)
-            return dense()
-        if call.dense_reason:
-            self._warn_once(call.dense_reason, flops)
-            return dense()
         S = q.shape[1]
-        if call.text_len is None:  # the adapter left the dense span to the call: all beyond the grid
-            T, H_, W = call.grid
-            call = dataclasses.replace(call, text_len=max(S - T * H_ * W, 0))
+        flops = 4.0 * q.shape[0] * q.shape[2] * S * k.shape[1] * q.shape[3]
+        call = self._forward_for(S, flops)
+        if call is None:
+            return dense()
         order = call.token_order
         if callable(order) and S < call.grid[0] * call.grid[1] * call.grid[2]:
             order = None  # an order of the call's length, but too short for the grid: the checks go dense
@@ -340,21 +355,11 @@ class AttentionSite:
         """This rank's rows under ring context parallelism (``parallel/ring.py``): ``executor`` (a
         ``RingExecutor``) holds the call's q, k, v rows and runs plans, and dense attention, round the ring.
         ``head_offset``: the model's index of head 0 here (ring combined with Ulysses: a rank holds H/U)."""
-        rt = self.runtime
-        call = rt.current
-        self.reached += 1
-        rt.reached += 1
         q = executor.q
         flops = 4.0 * q.shape[0] * q.shape[2] * q.shape[1] * ring.seq_len * q.shape[3]
+        call = self._forward_for(ring.seq_len, flops)
         if call is None:
-            self._warn_once("called outside a hooked transformer forward", flops)
             return executor.dense()
-        if call.dense_reason:
-            self._warn_once(call.dense_reason, flops)
-            return executor.dense()
-        if call.text_len is None:
-            T, H_, W = call.grid
-            call = dataclasses.replace(call, text_len=max(ring.seq_len - T * H_ * W, 0))
         return self._attend(call, q, executor.k, executor.v, None, executor.scale, executor.dense, head_offset,
                             ring=executor)
 
@@ -405,7 +410,6 @@ class AttentionSite:
         executor = PlanExecutor(q, k, v, reading.key_valid, scale, rt.method.config.backend, rt.stats.count_backend,
                                 row_live=reading.row_live, slot_validity=rt.slot_validity)
         return rt.caches.run(call, q, k, executor, dense)
-
 
     def _compute_ring(self, call: CallContext, executor):
         rt = self.runtime

@@ -33,14 +33,13 @@ def _no_backward(ctx, grad_out, *args, **kwargs):
 
 
 def _text_span(site, seq_len: int) -> tuple[int, str]:
+    from ..runtime import with_text_len
+
     call = site.runtime.current
     if call is None:
         return 0, "none"
-    text_len = call.text_len
-    if text_len is None:  # the adapter left the dense span to the call: all beyond the grid
-        T, H, W = call.grid
-        text_len = max(seq_len - T * H * W, 0)
-    return text_len, call.text_position
+    call = with_text_len(call, seq_len)
+    return call.text_len, call.text_position
 
 
 def _attend_whole_sequence(site, q, k, v, mask, mask_parallel_order: bool, scale, degree: int, head_offset: int):
@@ -85,40 +84,11 @@ def _model_order_key_mask(mask: torch.Tensor, ring, group, pieces: int) -> torch
     """A key mask of this rank's keys (diffusers split it with them over the ``pieces`` ranks of
     ``group``, the flattened context-parallel mesh) or of the whole sequence (never split: already in
     the model's order) -> the whole sequence's, in the model's order."""
-    import torch.distributed as dist
+    from .ring import gather_in_model_order
 
     if mask.shape[-1] == ring.seq_len:
         return mask
-    local = mask.contiguous()
-    wire = local.to(torch.uint8) if local.dtype == torch.bool else local  # gloo gathers no bool
-    gathered = [torch.empty_like(wire) for _ in range(pieces)]
-    dist.all_gather(gathered, wire, group=group)
-    whole = torch.empty(*local.shape[:-1], ring.seq_len, dtype=wire.dtype, device=local.device)
-    positions = ring.chunk_positions.flatten().view(pieces, -1).to(local.device)  # piece i's model positions
-    for piece, values in enumerate(gathered):
-        whole[..., positions[piece]] = values
-    return whole.to(local.dtype)
-
-
-def _sequence_for_heads(x: torch.Tensor, degree: int, group) -> torch.Tensor:
-    """[B, s, H, D] (this rank's tokens, every head) -> [B, degree * s, H / degree, D] (the group's
-    tokens side by side, this rank's heads): Ulysses' all-to-all, over ``group``."""
-    from diffusers.models.attention_dispatch import _all_to_all_single
-
-    B, s, H, D = x.shape
-    x = x.reshape(B, s, degree, H // degree, D).permute(2, 1, 0, 3, 4).contiguous()  # [P, s, B, H/P, D]
-    x = _all_to_all_single(x, group)  # chunk j now holds group rank j's tokens of this rank's heads
-    return x.flatten(0, 1).permute(1, 0, 2, 3).contiguous()
-
-
-def _heads_for_sequence(x: torch.Tensor, degree: int, group) -> torch.Tensor:
-    """The inverse of ``_sequence_for_heads``: [B, degree * s, H / degree, D] -> [B, s, H, D]."""
-    from diffusers.models.attention_dispatch import _all_to_all_single
-
-    B, S, h, D = x.shape
-    x = x.reshape(B, degree, S // degree, h, D).permute(1, 3, 0, 2, 4).contiguous()  # [P, h, B, s, D]
-    x = _all_to_all_single(x, group)  # chunk j now holds this rank's tokens of group rank j's heads
-    return x.flatten(0, 1).permute(1, 2, 0, 3).contiguous()
+    return gather_in_model_order(mask, mask.dim() - 1, group, ring.chunk_positions.flatten().view(pieces, -1))
 
 
 def ring_attend(site, query, key, value, attn_mask, scale, parallel_config):
@@ -127,6 +97,8 @@ def ring_attend(site, query, key, value, attn_mask, scale, parallel_config):
     Ulysses (``ulysses_degree`` U > 1, diffusers' (ring, ulysses) mesh): Ulysses' all-to-all over the
     ulysses group first, so the rank holds its ring chunk (the U pieces of its ulysses group, side by
     side) for H/U heads, then the ring over the ring group, then the all-to-all back."""
+    from diffusers.models.attention_dispatch import _all_to_all_dim_exchange
+
     from ..masks import read_mask
     from .ring import RingExecutor, ring_call
 
@@ -165,12 +137,12 @@ def ring_attend(site, query, key, value, attn_mask, scale, parallel_config):
             live = reading.row_live if reading.row_live.shape[1] == 1 else reading.row_live[:, heads]
             row_live = live.index_select(-1, ring.chunk_positions[ring.peers.rank].to(query.device))
     group = cp._ulysses_mesh.get_group() if ulysses > 1 else None
-    if ulysses > 1:
-        query, key, value = (_sequence_for_heads(x, ulysses, group) for x in (query, key, value))
+    if ulysses > 1:  # diffusers' Ulysses all-to-all: the group's tokens side by side, this rank's H/U heads
+        query, key, value = (_all_to_all_dim_exchange(x, 2, 1, group) for x in (query, key, value))
     executor = RingExecutor(ring, query, key, value, key_valid, scale, site.runtime.method.config.backend,
                             site.runtime.stats.count_backend, row_live=row_live)
     out = site.attend_ring(ring, executor, head_offset=cp._ulysses_local_rank * query.shape[2] if ulysses > 1 else 0)
-    return _heads_for_sequence(out, ulysses, group) if ulysses > 1 else out
+    return _all_to_all_dim_exchange(out, 1, 2, group) if ulysses > 1 else out
 
 
 __all__ = ["ring_attend", "ulysses_attend"]

@@ -114,19 +114,12 @@ class RingCall:
         if hit is None:
             rows = self.chunk_slots(plan.layout, self.peers.rank, device, head)
             keys = self.chunk_slots(plan.layout, chunk, device, head)
-            hit = per[(chunk, head)] = (_sub_block_mask(plan, rows, keys, head)[0], rows, keys)
+            hit = per[(chunk, head)] = (_sub_block_mask(plan, rows, keys, head), rows, keys)
         return hit
 
     def all_gather_model_order(self, x: torch.Tensor) -> torch.Tensor:
         """[B, s, ...] rows of every rank -> [B, S, ...] in the model's order (a collective)."""
-        import torch.distributed as dist
-
-        pieces = [torch.empty_like(x) for _ in range(self.peers.degree)]
-        dist.all_gather(pieces, x.contiguous(), group=self.peers.group)
-        whole = torch.empty(x.shape[0], self.seq_len, *x.shape[2:], dtype=x.dtype, device=x.device)
-        for c, piece in enumerate(pieces):
-            whole[:, self.chunk_positions[c].to(x.device)] = piece
-        return whole
+        return gather_in_model_order(x, 1, self.peers.group, self.chunk_positions)
 
     def chunk_slots(self, layout, chunk: int, device, head: int | None = None) -> ChunkSlots:
         """Where chunk ``chunk``'s tokens sit in ``layout``'s slots (``head``: that head's, for a layout
@@ -142,6 +135,24 @@ class RingCall:
         return hit
 
 
+def gather_in_model_order(x: torch.Tensor, dim: int, group, positions: torch.Tensor) -> torch.Tensor:
+    """Every rank of ``group``'s piece of ``x`` along ``dim`` (rank i's: the tokens at model positions
+    ``positions[i]``), all-gathered and put at those positions: the whole sequence in the model's
+    order (a collective). Bool tensors travel as uint8 (gloo gathers no bool)."""
+    import torch.distributed as dist
+
+    wire = x.contiguous()
+    wire = wire.to(torch.uint8) if x.dtype == torch.bool else wire
+    pieces = [torch.empty_like(wire) for _ in range(positions.shape[0])]
+    dist.all_gather(pieces, wire, group=group)
+    shape = list(x.shape)
+    shape[dim] = positions.numel()
+    whole = wire.new_empty(shape)
+    for piece, at in zip(pieces, positions.to(x.device)):
+        whole.index_copy_(dim, at, piece)
+    return whole.to(x.dtype)
+
+
 def _kept_for(store: dict, owner) -> dict:
     """``store``'s dict for ``owner`` (a plan or a layout), made empty on first use and dropped when
     ``owner`` is collected: a weak reference, so the cache never keeps a plan alive."""
@@ -155,7 +166,7 @@ def _kept_for(store: dict, owner) -> dict:
 def _sub_block_mask(plan, rows: ChunkSlots, keys: ChunkSlots, head: int | None = None):
     """The plan restricted to ``rows``' query blocks x ``keys``' key blocks (``head``: of that head
     alone, as head 0 of the result), on sub-sequences of one length (the larger block count; the
-    other side's extra blocks are empty): (BlockMask, whether any block pair is kept)."""
+    other side's extra blocks are empty); None when it keeps no block pair."""
     from torch.nn.attention.flex_attention import BlockMask
 
     bs = plan.layout.block_size
@@ -172,7 +183,7 @@ def _sub_block_mask(plan, rows: ChunkSlots, keys: ChunkSlots, head: int | None =
 
     any_blocks, full_blocks = restrict(plan.any_blocks), restrict(plan.full_blocks)
     if not bool(any_blocks.any()):
-        return None, False
+        return None
     base = plan.block_mask.mask_mod
     q_slots = torch.nn.functional.pad(rows.slots, (0, n * bs - rows.slots.numel()), value=int(rows.slots[-1]))
     k_slots = torch.nn.functional.pad(keys.slots, (0, n * bs - keys.slots.numel()), value=int(keys.slots[-1]))
@@ -183,9 +194,8 @@ def _sub_block_mask(plan, rows: ChunkSlots, keys: ChunkSlots, head: int | None =
 
     kv_num, kv_idx = _lists(any_blocks & ~full_blocks)
     full_num, full_idx = _lists(full_blocks)
-    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
                                     seq_lengths=(n * bs, n * bs), compute_q_blocks=False)
-    return mask, True
 
 
 class RingExecutor:
@@ -205,13 +215,19 @@ class RingExecutor:
         self.backend, self.on_run = backend, on_run
 
     # --- the ring ------------------------------------------------------------------------------
-    def _round_robin(self, compute):
-        """Merge ``compute(chunk, k, v)`` -> (out [B, H, s, D], lse [B, H, s]) or None (skipped) over
-        the chunks as they pass this rank."""
+    def _empty(self, heads: int):
+        """(out, lse) of rows that see no key: zeros and -inf, [B, heads, s, Dv] / [B, heads, s]."""
+        B, s = self.q.shape[:2]
+        return (self.q.new_zeros(B, heads, s, self.v.shape[-1]),
+                torch.full((B, heads, s), float("-inf"), dtype=torch.float32, device=self.q.device))
+
+    def _round_robin(self, *computes):
+        """Per ``compute(chunk, k, v)`` -> (out [B, H, s, D], lse [B, H, s]) or None (skipped): its
+        chunks' results merged by LSE, over one pass of the chunks round the ring."""
         peers = self.ring.peers
         kv = torch.stack((self.k, self.v)).contiguous() if self.k.shape == self.v.shape else None
         k, v = self.k, self.v
-        outs, lses = [], []
+        results = [[] for _ in computes]
         for i in range(peers.degree):
             chunk = (peers.rank - i) % peers.degree
             if kv is None:  # k and v of other head dims: two exchanges
@@ -219,21 +235,18 @@ class RingExecutor:
                     else (None, None)
             else:
                 wait_kv = peers.pass_on(kv) if i + 1 < peers.degree else None
-            result = compute(chunk, k, v)
-            if result is not None:
-                outs.append(result[0])
-                lses.append(result[1])
+            for compute, merged in zip(computes, results):
+                result = compute(chunk, k, v)
+                if result is not None:
+                    merged.append(result)
             if i + 1 < peers.degree:
                 if kv is None:
                     k, v = wait_k(), wait_v()
                 else:
                     kv = wait_kv()
                     k, v = kv[0], kv[1]
-        B, s, H, _ = self.q.shape
-        if not outs:  # no chunk kept anything for these rows
-            return (self.q.new_zeros(B, H, s, self.v.shape[-1]),
-                    torch.full((B, H, s), float("-inf"), dtype=torch.float32, device=self.q.device))
-        return merge_by_lse(outs, lses)
+        # no chunk kept anything for these rows: what a row that sees no key gets
+        return [merge_by_lse(*zip(*merged)) if merged else self._empty(self.q.shape[2]) for merged in results]
 
     def _chunk_key_valid(self, chunk: int):
         if self.key_valid is None:
@@ -256,15 +269,12 @@ class RingExecutor:
     def _plan_chunk(self, plan, chunk, k, v):
         """This rank's rows against chunk ``chunk``'s keys under ``plan``; None if it keeps no block pair.
         A plan with one token order per head (cluster, heads with temporal heads) runs head by head."""
-        B, s, H, _ = self.q.shape
         if not plan.layout.per_head:
             return self._heads_chunk(plan, chunk, k, v, None)
-        parts = [self._heads_chunk(plan, chunk, k, v, h) for h in range(H)]
+        parts = [self._heads_chunk(plan, chunk, k, v, h) for h in range(self.q.shape[2])]
         if all(p is None for p in parts):
             return None
-        empty = (self.q.new_zeros(B, 1, s, self.v.shape[-1]),
-                 torch.full((B, 1, s), float("-inf"), dtype=torch.float32, device=self.q.device))
-        parts = [empty if p is None else p for p in parts]
+        parts = [self._empty(1) if p is None else p for p in parts]
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
     def _heads_chunk(self, plan, chunk, k, v, head):
@@ -305,15 +315,16 @@ class RingExecutor:
         return out.to(self.q.dtype)
 
     def dense(self) -> torch.Tensor:
-        return self._rows(self._round_robin(self._dense_chunk)[0])
+        return self._rows(self._round_robin(self._dense_chunk)[0][0])
 
     def run(self, plan) -> torch.Tensor:
-        return self._rows(self._round_robin(lambda c, k, v: self._plan_chunk(plan, c, k, v))[0])
+        return self._rows(self._round_robin(lambda c, k, v: self._plan_chunk(plan, c, k, v))[0][0])
 
     def kept_mass(self, plan) -> torch.Tensor:
-        """[B, s, H, 1]: the fraction of each row's softmax mass on the keys ``plan`` keeps."""
-        lse_kept = self._round_robin(lambda c, k, v: self._plan_chunk(plan, c, k, v))[1]
-        lse_dense = self._round_robin(self._dense_chunk)[1]
+        """[B, s, H, 1]: the fraction of each row's softmax mass on the keys ``plan`` keeps (the kept
+        and the dense LSE from one pass of the chunks)."""
+        (_, lse_kept), (_, lse_dense) = self._round_robin(lambda c, k, v: self._plan_chunk(plan, c, k, v),
+                                                          self._dense_chunk)
         rho = torch.where(torch.isfinite(lse_dense), torch.exp(lse_kept.double() - lse_dense.double()), 0.0)
         return rho.transpose(1, 2)[..., None].to(self.q.dtype)
 
@@ -341,4 +352,4 @@ def ring_call(cp, local_len: int, text_len: int, text_position: str) -> RingCall
     return hit[1]
 
 
-__all__ = ["ChunkSlots", "RingCall", "RingExecutor", "RingPeers", "ring_call"]
+__all__ = ["ChunkSlots", "RingCall", "RingExecutor", "RingPeers", "gather_in_model_order", "ring_call"]
