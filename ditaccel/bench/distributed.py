@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,7 +308,7 @@ class DistributedBenchRun(BenchRun):
         # parallelism: one untimed step of the first cell's call shows whether diffusers can run it.
         try:
             call, seed = first_call()
-            with self.dense_side(pipe) if self.dense_side is not None else nullcontext():
+            with self.dense_side(pipe):
                 warm_up(pipe, call, seed=seed, steps=1)
         except Exception as exc:  # noqa: BLE001 - re-raised as bad input, with what to do
             hint = ("; diffusers' ring attention needs an attention backend that returns the LSE (flash, "

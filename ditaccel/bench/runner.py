@@ -15,7 +15,6 @@ report) replaces the previous run's at the end — an interrupted run leaves ``-
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..eval.engine import evaluate, versions
+from ..eval.engine import evaluate, pipeline_as_it_is, versions
 from ..eval.files import FileSet, write_json_atomic
 from ..eval.probe import MaskProbe
 from ..eval.runs import call_arguments, load_pipeline, resolve_device, resolve_dtype, timed_run, warm_up
@@ -124,7 +123,7 @@ class BenchRun:
     :mod:`.distributed` changes."""
 
     merge = None  # see run_cell
-    dense_side = None  # see run_cell
+    dense_side = staticmethod(pipeline_as_it_is)  # see run_cell
 
     def __init__(self, matrix: BenchMatrix, out: Path, *, progress: bool = True, write: bool = True):
         self.matrix = matrix
@@ -230,7 +229,7 @@ class BenchRun:
                               width=s.width, frames=s.frames, guidance=m.guidance)
 
     def _dense(self, pipe, call: dict, seed: int):
-        with self.dense_side(pipe) if self.dense_side is not None else contextlib.nullcontext():
+        with self.dense_side(pipe):
             warm_up(pipe, call, seed=seed, steps=1)
             run = timed_run(pipe, call, seed=seed, device=torch.device(pipe._execution_device), label="dense",
                             progress=False)

@@ -77,6 +77,11 @@ def _warmup_steps(config, steps: int | None) -> int | None:
     return max(1, min(steps, dense + 1))
 
 
+def pipeline_as_it_is(pipe):
+    """The default dense side of a comparison: the pipeline as it is (a context that changes nothing)."""
+    return contextlib.nullcontext()
+
+
 def evaluate(pipe, method=None, *, overrides: dict | None = None, call: dict, seed: int = 0, repeats: int = 2,
              warmup: int = 0, model_name: str | None = None, dense_runs: list[RunResult] | None = None,
              error_steps=None, observe=None, progress: bool = True, say: Say | None = None,
@@ -103,7 +108,7 @@ def evaluate(pipe, method=None, *, overrides: dict | None = None, call: dict, se
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     say = say or (lambda line: None)
-    dense_side = dense_side or (lambda p: contextlib.nullcontext())
+    dense_side = dense_side or pipeline_as_it_is
     wall = time.perf_counter()
     _, config = resolve(pipe, method, overrides)
     device = torch.device(pipe._execution_device)
