@@ -3,9 +3,9 @@ against the KV chunks in ring order and merged by LSE, equal those rows of the w
 (float64 reference) for static, dynamic and per-head-table plans, with text before or after the grid
 (rows scattered over the plan's blocks), key padding, degree 2 and 3; chunks a rank's rows keep no
 block of are never computed; dense and kept mass match the one-process ones; plans with a token
-order per head (cluster, heads) run head by head. And one real ring in the default run: 2 processes over
+order per head (cluster, heads) run head by head. And one real ring: 2 processes over
 gloo on a bare Flux transformer with 3 heads (not divisible by the degree), tile and topk, equal to one
-process; the spawned 2-process runs on pipelines of every family are in test_parallel_joint.py (slow)."""
+process (slow, as are the spawned 2-process runs on pipelines of every family in test_parallel_joint.py)."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_a_plan_with_a_token_order_per_head_runs_head_by_head(name):
         torch.testing.assert_close(executor.run(plan).double(), expected[:, rows], rtol=1e-4, atol=1e-5)
 
 
-# --- a real ring: 2 processes over gloo (default run: one bare transformer, seconds) --------------------
+# --- a real ring: 2 processes over gloo (one bare transformer, seconds) --------------------
 
 def _flux_model(heads: int):
     from diffusers import FluxTransformer2DModel
@@ -208,6 +208,7 @@ def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+@pytest.mark.slow  # two spawned interpreters importing torch + diffusers: ~14 s, and the suite is near 10 minutes
 def test_two_process_ring_equals_one_process_on_a_joint_attention_transformer():
     from gloo_spawn import spawn
 
